@@ -1,0 +1,1 @@
+//! capsa agent API (generated).

@@ -1,0 +1,1 @@
+//! capsa host runtime library.

@@ -1,0 +1,109 @@
+//! virtio devices and their virtio-mmio transport.
+//!
+//! Contract between the transport and the devices (the VMM core relies on it too):
+//! - `mmio::MmioTransport::new(mem, Box<dyn VirtioDevice>)` implements [`super::BusDevice`]; the core
+//!   registers it on the MMIO bus, registers each of `queue_events()` as a KVM ioeventfd on
+//!   `base + 0x50` (QueueNotify) with the queue index as datamatch, and `interrupt_event()` as a KVM irqfd
+//!   on the device's GSI.
+//! - On DRIVER_OK the transport calls [`VirtioDevice::activate`] once; the device then serves its queues on
+//!   its own worker thread(s) and raises interrupts through [`VirtioInterrupt`].
+
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::GuestMemoryMmap;
+
+/// `InterruptStatus` bit: the device used buffers in a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
+/// `InterruptStatus` bit: the device's configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+
+/// The interrupt line of one virtio-mmio device: the `InterruptStatus` register plus the irqfd that the VMM
+/// core wires to the device's GSI.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    event: EventFd,
+}
+
+impl VirtioInterrupt {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { status: AtomicU32::new(0), event: EventFd::new(EFD_NONBLOCK)? })
+    }
+
+    /// Tell the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tell the driver that the device configuration space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    fn signal(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.event.write(1)
+    }
+
+    /// Current `InterruptStatus` register value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// `InterruptACK`: clear the acknowledged bits.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The eventfd to register as a KVM irqfd.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// Why a device could not start serving its queues.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device expects {expected} queues, driver set up {actual}")]
+    QueueCount { expected: usize, actual: usize },
+    #[error("device already activated")]
+    AlreadyActive,
+    #[error("cannot start device worker: {0}")]
+    Worker(#[from] std::io::Error),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// One virtio device behind a transport. Implementations live one per folder/file next to this module.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (1 net, 2 block, 4 rng, 19 vsock, 26 fs, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (VIRTIO_F_VERSION_1 included).
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted (a subset of `avail_features`, checked by the transport).
+    fn set_acked_features(&mut self, features: u64);
+    /// Read the device-specific configuration space; out-of-range reads leave `data` zeroed.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write the device-specific configuration space; out-of-range writes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Start serving: called once, on DRIVER_OK, with the queues the driver configured and the ioeventfd
+    /// that signals each of them.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<(Queue, EventFd)>,
+    ) -> Result<(), ActivateError>;
+    /// Stop serving after a driver reset. Returns false when the device cannot be reset.
+    fn reset(&mut self) -> bool {
+        false
+    }
+}

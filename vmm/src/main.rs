@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("capsa-vmm: not built yet");
+    std::process::exit(1);
+}
