@@ -1,0 +1,45 @@
+# capsa: top-level build. `make` builds everything (guest image included), `make test` runs unit and
+# integration tests, `make e2e` the end-to-end suites (inside the nested test host when this machine has no
+# hardware virtualisation), `make bench` prints the benchmarks.
+SHELL := /bin/bash
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+CARGO ?= cargo
+RELEASE_BINS := capsa-vmm capsa-agent capsa capsa-testhost
+E2E_LIST := $(ROOT)/build/e2e-tests.list
+
+.PHONY: all binaries guest-image testhost-image test e2e bench lint clean-cache
+
+all: binaries guest-image
+
+binaries:
+	$(CARGO) build --release --workspace --bins
+
+guest-image: binaries
+	bash guest-image/build-kernel.sh
+	bash guest-image/build-initrd.sh target/release/capsa-agent build/guest/initrd.img
+
+testhost-image: binaries
+	target/release/capsa-testhost build-image
+
+test:
+	$(CARGO) test --workspace
+
+# Build the end-to-end test binaries (release, so the timings mean something) and list them.
+$(E2E_LIST): FORCE binaries
+	@mkdir -p build
+	$(CARGO) test --release -p capsa-e2e --no-run --message-format=json \
+	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]]' > $@
+	@cat $@
+
+e2e: all testhost-image $(E2E_LIST)
+	CAPSA_TESTHOST_TESTS=1 $(CARGO) test --release -p capsa-testhost -- --test-threads=1
+	bash tests/run-e2e.sh bash tests/e2e/run-suites.sh $(E2E_LIST)
+
+bench: all testhost-image
+	bash tests/run-e2e.sh target/release/capsa-bench
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+FORCE:
