@@ -1,1 +1,11 @@
-//! capsa host runtime library.
+//! capsa host runtime library: the pieces the `capsa` CLI and (later) the containerd shim share.
+//!
+//! - [`hybrid_vsock`]: reach a guest port through the VMM's hybrid-vsock Unix socket.
+//! - [`agent_client`]: the ttrpc client of the in-guest agent.
+//! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
+//! - [`check`]: host capability checks.
+//! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
+
+pub mod artifacts;
+pub mod check;
+pub mod hybrid_vsock;

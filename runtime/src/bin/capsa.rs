@@ -1,1 +1,77 @@
-fn main() {}
+//! `capsa`: the command-line front end of the capsa runtime.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use capsa_runtime::artifacts::Artifacts;
+use capsa_runtime::check;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "capsa", version, about = "capsa: containers in KVM microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this host can run capsa (KVM, vsock, cgroups, the VMM, guest kernel and initrd).
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// capsa-vmm binary (default: $CAPSA_VMM, next to this binary, /usr/libexec/capsa/capsa-vmm).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// Guest kernel (default: $CAPSA_KERNEL, build/guest/vmlinux, /usr/share/capsa/vmlinux).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest initrd (default: $CAPSA_INITRD, build/guest/initrd.img, /usr/share/capsa/initrd.img).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAPSA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            json,
+            vmm,
+            kernel,
+            initrd,
+        } => {
+            let artifacts = Artifacts::locate(vmm, kernel, initrd);
+            let report = check::run(&check::CheckInputs::host(artifacts));
+            let text = if json {
+                let mut s =
+                    serde_json::to_string_pretty(&report).context("serialising the report")?;
+                s.push('\n');
+                s
+            } else {
+                report.render()
+            };
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => return Err(e).context("writing the report"),
+            }
+            Ok(if report.can_run {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
