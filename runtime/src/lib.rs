@@ -6,6 +6,8 @@
 //! - [`check`]: host capability checks.
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
 
+pub mod agent_client;
 pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
+pub mod vm;

@@ -1,1 +1,131 @@
-//! Shared helpers for the end-to-end suites.
+//! Shared helpers for the end-to-end suites and the benchmark.
+//!
+//! The suites boot real guests and only run when `CAPSA_E2E=1` (set by `tests/e2e/run-suites.sh`, which
+//! `make e2e` runs inside the nested test host). Inputs come from `CAPSA_VMM`, `CAPSA_KERNEL` and
+//! `CAPSA_INITRD`, defaulting to `target/release/capsa-vmm`, `build/guest/vmlinux` and
+//! `build/guest/initrd.img` under the workspace root.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capsa_runtime::vm::VmConfig;
+
+pub mod smaps;
+
+/// The workspace root (the crate lives in `tests/e2e`).
+pub fn workspace_root() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// True when the real-guest suites should run; otherwise prints why the test is skipped.
+pub fn e2e_enabled(test: &str) -> bool {
+    if std::env::var("CAPSA_E2E").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: set CAPSA_E2E=1 to boot real guests (`make e2e` runs the suites inside the nested test host)"
+    );
+    false
+}
+
+/// The VMM, guest kernel and initrd the suites boot.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl Inputs {
+    pub fn from_env() -> Self {
+        let root = workspace_root();
+        let var = |k: &str, default: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join(default))
+        };
+        Inputs {
+            vmm: var("CAPSA_VMM", "target/release/capsa-vmm"),
+            kernel: var("CAPSA_KERNEL", "build/guest/vmlinux"),
+            initrd: var("CAPSA_INITRD", "build/guest/initrd.img"),
+        }
+    }
+
+    /// Panics with a clear message when an input is missing (the suites need all three).
+    pub fn require(&self) -> &Self {
+        for (what, p, how) in [
+            ("CAPSA_VMM", &self.vmm, "cargo build --release -p capsa-vmm"),
+            ("CAPSA_KERNEL", &self.kernel, "make guest-image"),
+            ("CAPSA_INITRD", &self.initrd, "make guest-image"),
+        ] {
+            assert!(
+                p.exists(),
+                "{what}: {} does not exist (build it: {how})",
+                p.display()
+            );
+        }
+        self
+    }
+}
+
+/// A short, private run root for sandbox directories (Unix socket paths must stay short).
+pub fn run_root() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("capsa-e2e-")
+        .tempdir_in("/tmp")
+        .expect("cannot create a run root under /tmp")
+}
+
+/// A VM configuration for the suites.
+pub fn vm_config(inputs: &Inputs, run_root: &Path, vcpus: u32, memory_mib: u32) -> VmConfig {
+    let mut c = VmConfig::new(
+        inputs.vmm.clone(),
+        inputs.kernel.clone(),
+        Some(inputs.initrd.clone()),
+    );
+    c.vcpus = vcpus;
+    c.memory_mib = memory_mib;
+    c.run_root = run_root.to_path_buf();
+    // Nested virtualisation is slow and the suites may boot several guests at once.
+    c.boot_timeout = Duration::from_secs(60);
+    c.stop_timeout = Duration::from_secs(15);
+    c
+}
+
+/// Median of a non-empty sample.
+pub fn median(values: &mut [Duration]) -> Duration {
+    values.sort();
+    let n = values.len();
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(&mut [ms(3), ms(1), ms(2)]), ms(2));
+        assert_eq!(
+            median(&mut [ms(4), ms(1), ms(2), ms(3)]),
+            Duration::from_micros(2500)
+        );
+        assert_eq!(median(&mut []), Duration::ZERO);
+    }
+
+    #[test]
+    fn defaults_under_workspace() {
+        let root = workspace_root();
+        assert!(root.join("Cargo.toml").exists(), "{}", root.display());
+    }
+}

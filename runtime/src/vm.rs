@@ -1,0 +1,751 @@
+//! The hypervisor side of a sandbox: one `capsa-vmm` process per VM.
+//!
+//! [`Vm::start`] creates the sandbox's directory (`<run root>/<sandbox id>/`, holding `vsock.sock` and
+//! `console.log`), spawns the VMM and waits until the guest agent answers Check. [`Vm::stop`] asks the
+//! agent to power the guest off and waits for the VMM, escalating to SIGTERM and SIGKILL. Dropping a
+//! [`Vm`] kills the VMM. The directory is removed whenever the VM ends, on every path.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent_client::{AgentAddress, AgentClient, AgentError};
+use crate::artifacts::Artifacts;
+
+/// Where sandbox directories live by default.
+pub const DEFAULT_RUN_ROOT: &str = "/run/capsa";
+/// The kernel command line every guest gets (the VMM appends its device list).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// The guest's vsock context id (each VM has its own hybrid-vsock socket, so one CID fits all).
+pub const GUEST_CID: u32 = 3;
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+/// Room kept for the `_<port>` suffix the VMM adds for guest-initiated connections.
+const SOCKET_SUFFIX_ROOM: usize = 6;
+/// Lines of VMM stderr kept for error reports.
+const STDERR_TAIL_LINES: usize = 40;
+/// Bytes of the console log shown in error reports.
+const CONSOLE_TAIL_BYTES: u64 = 3000;
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// What to boot and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vmm_binary: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to [`BASE_CMDLINE`].
+    pub extra_cmdline: Vec<String>,
+    pub disks: Vec<Disk>,
+    pub rng: bool,
+    /// Parent of the per-sandbox directories.
+    pub run_root: PathBuf,
+    /// How long the agent has to answer its first Check.
+    pub boot_timeout: Duration,
+    /// How long the VMM has to exit after DestroySandbox (and again after SIGTERM).
+    pub stop_timeout: Duration,
+}
+
+impl VmConfig {
+    /// Defaults: 1 vCPU, 128 MiB, no disks, rng on, `/run/capsa`, 30 s to boot, 10 s to stop.
+    pub fn new(vmm_binary: PathBuf, kernel: PathBuf, initrd: Option<PathBuf>) -> Self {
+        VmConfig {
+            vmm_binary,
+            kernel,
+            initrd,
+            vcpus: 1,
+            memory_mib: 128,
+            extra_cmdline: Vec::new(),
+            disks: Vec::new(),
+            rng: true,
+            run_root: PathBuf::from(DEFAULT_RUN_ROOT),
+            boot_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn from_artifacts(a: &Artifacts) -> Self {
+        Self::new(a.vmm.clone(), a.kernel.clone(), Some(a.initrd.clone()))
+    }
+
+    /// The kernel command line given to the VMM.
+    pub fn cmdline(&self) -> String {
+        let mut s = String::from(BASE_CMDLINE);
+        for extra in &self.extra_cmdline {
+            s.push(' ');
+            s.push_str(extra);
+        }
+        s
+    }
+
+    /// The VMM's arguments for a sandbox directory.
+    pub fn vmm_args(&self, paths: &SandboxPaths) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--kernel".into(),
+            self.kernel.clone().into(),
+            "--cmdline".into(),
+            self.cmdline().into(),
+            "--vcpus".into(),
+            self.vcpus.to_string().into(),
+            "--memory-mib".into(),
+            self.memory_mib.to_string().into(),
+            "--vsock-cid".into(),
+            GUEST_CID.to_string().into(),
+            "--vsock-uds".into(),
+            paths.vsock.clone().into(),
+            "--console-log".into(),
+            paths.console_log.clone().into(),
+        ];
+        if let Some(initrd) = &self.initrd {
+            args.push("--initrd".into());
+            args.push(initrd.clone().into());
+        }
+        for d in &self.disks {
+            args.push("--disk".into());
+            let mut v: OsString = d.path.clone().into();
+            if d.readonly {
+                v.push(",readonly");
+            }
+            args.push(v);
+        }
+        if self.rng {
+            args.push("--rng".into());
+        }
+        args
+    }
+}
+
+/// The files of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+    pub vsock: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(run_root: &Path, sandbox_id: &str) -> Self {
+        let dir = run_root.join(sandbox_id);
+        SandboxPaths {
+            vsock: dir.join("vsock.sock"),
+            console_log: dir.join("console.log"),
+            dir,
+        }
+    }
+}
+
+/// The `BOOT_TIMER` line the VMM prints when the guest agent starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BootTimer {
+    /// VMM process start → first vCPU entering the kernel.
+    pub start_to_kernel_entry_us: u64,
+    /// Kernel entry → the agent's write to port 0x440.
+    pub kernel_entry_to_agent_us: u64,
+}
+
+/// Parses `BOOT_TIMER start_to_kernel_entry_us=<A> kernel_entry_to_agent_us=<B>`.
+pub fn parse_boot_timer(line: &str) -> Option<BootTimer> {
+    let rest = line.trim().strip_prefix("BOOT_TIMER")?;
+    let (mut a, mut b) = (None, None);
+    for kv in rest.split_whitespace() {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "start_to_kernel_entry_us" => a = v.parse().ok(),
+            "kernel_entry_to_agent_us" => b = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(BootTimer {
+        start_to_kernel_entry_us: a?,
+        kernel_entry_to_agent_us: b?,
+    })
+}
+
+/// Why a VM could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid sandbox id {id:?}: {reason}")]
+    InvalidId { id: String, reason: &'static str },
+    #[error("socket path {path} is {len} bytes; at most {max} fit (use a shorter run root or sandbox id)")]
+    SocketPathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
+    #[error("{what} {path} not found")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("sandbox directory {0} already exists (sandbox id in use?)")]
+    AlreadyExists(PathBuf),
+    #[error("cannot create sandbox directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VMM {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during boot ({status})\n--- VMM stderr (tail) ---\n{stderr_tail}\n--- guest console (tail) ---\n{console_tail}")]
+    VmmExited {
+        status: String,
+        stderr_tail: String,
+        console_tail: String,
+    },
+    #[error("the guest agent did not come up: {source}\n--- VMM stderr (tail) ---\n{stderr_tail}\n--- guest console (tail) ---\n{console_tail}")]
+    AgentNotReady {
+        #[source]
+        source: Box<AgentError>,
+        stderr_tail: String,
+        console_tail: String,
+    },
+    #[error("waiting for the VMM failed: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+/// Validates a sandbox id: it becomes a directory name.
+pub fn validate_sandbox_id(id: &str) -> Result<(), VmError> {
+    let bad = |reason| {
+        Err(VmError::InvalidId {
+            id: id.to_owned(),
+            reason,
+        })
+    };
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > 128 {
+        return bad("longer than 128 bytes");
+    }
+    if id == "." || id == ".." || id.starts_with('.') {
+        return bad("starts with '.'");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return bad("only ASCII letters, digits, '_', '-' and '.' are allowed");
+    }
+    Ok(())
+}
+
+/// Removes the sandbox directory when dropped.
+#[derive(Debug)]
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => tracing::debug!(dir = %self.0.display(), "sandbox directory removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove sandbox directory")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct StderrLog {
+    lines: VecDeque<String>,
+}
+
+impl StderrLog {
+    fn tail(&self) -> String {
+        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn spawn_stderr_reader(
+    stderr: ChildStderr,
+    log: Arc<Mutex<StderrLog>>,
+    boot_timer: watch::Sender<Option<BootTimer>>,
+    id: String,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+            tracing::debug!(sandbox = %id, "vmm: {line}");
+            if let Some(t) = parse_boot_timer(&line) {
+                boot_timer.send_replace(Some(t));
+            }
+            if let Ok(mut log) = log.lock() {
+                if log.lines.len() == STDERR_TAIL_LINES {
+                    log.lines.pop_front();
+                }
+                log.lines.push_back(line);
+            }
+        }
+    })
+}
+
+/// The last bytes of a file, lossily decoded; empty when it cannot be read.
+pub fn file_tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::from("(no console log)");
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max && f.seek(SeekFrom::Start(len - max)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// How the VMM ended after [`Vm::stop`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPath {
+    /// The guest powered off after DestroySandbox.
+    Clean,
+    /// The VMM needed SIGTERM.
+    Terminated,
+    /// The VMM needed SIGKILL.
+    Killed,
+}
+
+/// Result of [`Vm::stop`].
+#[derive(Debug, Clone)]
+pub struct VmExit {
+    pub status: ExitStatus,
+    pub path: StopPath,
+    /// Error of the DestroySandbox call, if it failed (the VM was then stopped by signal).
+    pub destroy_error: Option<String>,
+}
+
+/// A running VM with a ready agent.
+#[derive(Debug)]
+pub struct Vm {
+    id: String,
+    paths: SandboxPaths,
+    child: Option<Child>,
+    pid: u32,
+    agent: AgentClient,
+    stderr_log: Arc<Mutex<StderrLog>>,
+    stderr_task: Option<JoinHandle<()>>,
+    boot_timer: watch::Receiver<Option<BootTimer>>,
+    ready_after: Duration,
+    stop_timeout: Duration,
+    // Last: removed after the VMM has been killed in Drop.
+    _dir: DirGuard,
+}
+
+impl Vm {
+    /// Starts a VM for `sandbox_id` and waits for its agent.
+    pub async fn start(config: &VmConfig, sandbox_id: &str) -> Result<Vm, VmError> {
+        validate_sandbox_id(sandbox_id)?;
+        for (what, path) in [
+            ("VMM binary", &config.vmm_binary),
+            ("guest kernel", &config.kernel),
+        ]
+        .into_iter()
+        .chain(config.initrd.as_ref().map(|p| ("guest initrd", p)))
+        {
+            if !path.exists() {
+                return Err(VmError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let paths = SandboxPaths::new(&config.run_root, sandbox_id);
+        let len = paths.vsock.as_os_str().len();
+        if len + SOCKET_SUFFIX_ROOM > MAX_SOCKET_PATH {
+            return Err(VmError::SocketPathTooLong {
+                path: paths.vsock,
+                len,
+                max: MAX_SOCKET_PATH - SOCKET_SUFFIX_ROOM,
+            });
+        }
+        std::fs::create_dir_all(&config.run_root).map_err(|source| VmError::CreateDir {
+            path: config.run_root.clone(),
+            source,
+        })?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(VmError::AlreadyExists(paths.dir));
+                }
+                Err(source) => {
+                    return Err(VmError::CreateDir {
+                        path: paths.dir,
+                        source,
+                    })
+                }
+            }
+        }
+        let dir = DirGuard(paths.dir.clone());
+
+        let args = config.vmm_args(&paths);
+        tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), ?args, "starting VM");
+        let spawned_at = Instant::now();
+        let mut child = Command::new(&config.vmm_binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                binary: config.vmm_binary.clone(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let stderr_log = Arc::new(Mutex::new(StderrLog::default()));
+        let (timer_tx, timer_rx) = watch::channel(None);
+        let stderr_task = child
+            .stderr
+            .take()
+            .map(|s| spawn_stderr_reader(s, stderr_log.clone(), timer_tx, sandbox_id.to_owned()));
+
+        let addr = AgentAddress::hybrid(&paths.vsock);
+        let outcome = tokio::select! {
+            ready = AgentClient::wait_ready(&addr, config.boot_timeout) => Ok(ready),
+            status = child.wait() => Err(status),
+        };
+        let tails = |task: Option<JoinHandle<()>>| {
+            let log = stderr_log.clone();
+            let console = paths.console_log.clone();
+            async move {
+                if let Some(task) = task {
+                    // The VMM is gone or being killed: stderr reaches EOF soon.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+                }
+                let stderr_tail = log.lock().map(|l| l.tail()).unwrap_or_default();
+                (stderr_tail, file_tail(&console, CONSOLE_TAIL_BYTES))
+            }
+        };
+        match outcome {
+            Ok(Ok(agent)) => {
+                let ready_after = spawned_at.elapsed();
+                tracing::info!(sandbox = sandbox_id, pid, ?ready_after, "VM ready");
+                Ok(Vm {
+                    id: sandbox_id.to_owned(),
+                    paths,
+                    child: Some(child),
+                    pid,
+                    agent,
+                    stderr_log,
+                    stderr_task,
+                    boot_timer: timer_rx,
+                    ready_after,
+                    stop_timeout: config.stop_timeout,
+                    _dir: dir,
+                })
+            }
+            Ok(Err(source)) => {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                let (stderr_tail, console_tail) = tails(stderr_task).await;
+                Err(VmError::AgentNotReady {
+                    source: Box::new(source),
+                    stderr_tail,
+                    console_tail,
+                })
+            }
+            Err(status) => {
+                let status = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                let (stderr_tail, console_tail) = tails(stderr_task).await;
+                Err(VmError::VmmExited {
+                    status,
+                    stderr_tail,
+                    console_tail,
+                })
+            }
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The agent client (cloneable).
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn paths(&self) -> &SandboxPaths {
+        &self.paths
+    }
+
+    /// VMM spawn → first Check answer.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// The VMM's `BOOT_TIMER` line, waiting up to `wait` for it to be read from stderr.
+    pub async fn boot_timer(&self, wait: Duration) -> Option<BootTimer> {
+        let mut rx = self.boot_timer.clone();
+        let r = tokio::time::timeout(wait, rx.wait_for(|t| t.is_some())).await;
+        match r {
+            Ok(Ok(t)) => *t,
+            _ => *self.boot_timer.borrow(),
+        }
+    }
+
+    /// The last lines the VMM wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr_log.lock().map(|l| l.tail()).unwrap_or_default()
+    }
+
+    /// The end of the guest's console log.
+    pub fn console_tail(&self) -> String {
+        file_tail(&self.paths.console_log, CONSOLE_TAIL_BYTES)
+    }
+
+    /// Powers the guest off through the agent and waits for the VMM: SIGTERM after the stop timeout,
+    /// SIGKILL after another. The sandbox directory is gone when this returns.
+    pub async fn stop(mut self) -> Result<VmExit, VmError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(VmError::Wait(std::io::Error::other("VMM already reaped")));
+        };
+        let destroy_error =
+            match tokio::time::timeout(self.stop_timeout, self.agent.destroy_sandbox()).await {
+                Ok(Ok(())) => None,
+                // The guest may go down before the reply is read: not an error if the VMM exits.
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "DestroySandbox timed out after {:?}",
+                    self.stop_timeout
+                )),
+            };
+        if let Some(e) = &destroy_error {
+            tracing::debug!(sandbox = %self.id, error = %e, "DestroySandbox did not answer");
+        }
+        let mut path = StopPath::Clean;
+        let status = match tokio::time::timeout(self.stop_timeout, child.wait()).await {
+            Ok(r) => r.map_err(VmError::Wait)?,
+            Err(_) => {
+                tracing::warn!(sandbox = %self.id, "VMM still running after DestroySandbox: SIGTERM");
+                path = StopPath::Terminated;
+                if let Ok(pid) = i32::try_from(self.pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                match tokio::time::timeout(self.stop_timeout, child.wait()).await {
+                    Ok(r) => r.map_err(VmError::Wait)?,
+                    Err(_) => {
+                        tracing::warn!(sandbox = %self.id, "VMM ignored SIGTERM: SIGKILL");
+                        path = StopPath::Killed;
+                        child.kill().await.map_err(VmError::Wait)?;
+                        child.wait().await.map_err(VmError::Wait)?
+                    }
+                }
+            }
+        };
+        if let Some(task) = self.stderr_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        tracing::info!(sandbox = %self.id, %status, ?path, "VM stopped");
+        Ok(VmExit {
+            status,
+            path,
+            destroy_error,
+        })
+        // `self` drops here: the directory goes.
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            tracing::debug!(sandbox = %self.id, pid = self.pid, "killing VMM");
+            let _ = child.start_kill();
+        }
+        if let Some(task) = self.stderr_task.take() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_timer_line() {
+        assert_eq!(
+            parse_boot_timer(
+                "BOOT_TIMER start_to_kernel_entry_us=1200 kernel_entry_to_agent_us=880000\n"
+            ),
+            Some(BootTimer {
+                start_to_kernel_entry_us: 1200,
+                kernel_entry_to_agent_us: 880000
+            })
+        );
+        assert_eq!(
+            parse_boot_timer("BOOT_TIMER start_to_kernel_entry_us=1"),
+            None
+        );
+        assert_eq!(parse_boot_timer("something else"), None);
+        assert_eq!(
+            parse_boot_timer("BOOT_TIMER start_to_kernel_entry_us=x kernel_entry_to_agent_us=2"),
+            None
+        );
+    }
+
+    #[test]
+    fn sandbox_ids() {
+        assert!(validate_sandbox_id("abc-123_x.y").is_ok());
+        assert!(validate_sandbox_id(&"f".repeat(64)).is_ok());
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ü"] {
+            assert!(validate_sandbox_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn vmm_command_line() {
+        let mut c = VmConfig::new("/v".into(), "/k".into(), Some("/i".into()));
+        c.vcpus = 2;
+        c.memory_mib = 256;
+        c.extra_cmdline = vec!["capsa.marker=1".into()];
+        c.disks = vec![Disk {
+            path: "/d.img".into(),
+            readonly: true,
+        }];
+        let p = SandboxPaths::new(Path::new("/run/capsa"), "sb");
+        let args: Vec<String> = c
+            .vmm_args(&p)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("--vcpus 2 --memory-mib 256"), "{joined}");
+        assert!(joined.contains("--vsock-cid 3 --vsock-uds /run/capsa/sb/vsock.sock"));
+        assert!(joined.contains("--console-log /run/capsa/sb/console.log"));
+        assert!(joined.contains("--initrd /i"));
+        assert!(joined.contains("--disk /d.img,readonly"));
+        assert!(joined.ends_with("--rng"));
+        let i = args.iter().position(|a| a == "--cmdline").unwrap();
+        assert_eq!(
+            args[i + 1],
+            "console=ttyS0 reboot=k panic=-1 quiet capsa.marker=1"
+        );
+    }
+
+    fn fake_files(dir: &Path) -> VmConfig {
+        use std::os::unix::fs::PermissionsExt;
+        let vmm = dir.join("fake-vmm");
+        // A VMM that fails at once, like capsa-vmm on a bad kernel.
+        std::fs::write(
+            &vmm,
+            "#!/bin/sh\necho 'error: cannot load kernel: bad ELF' >&2\nexit 2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("k"), b"not a kernel").unwrap();
+        let mut c = VmConfig::new(vmm, dir.join("k"), None);
+        c.run_root = dir.join("run");
+        c.boot_timeout = Duration::from_secs(5);
+        c
+    }
+
+    #[tokio::test]
+    async fn missing_kernel_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = fake_files(dir.path());
+        c.kernel = dir.path().join("nope");
+        let err = Vm::start(&c, "sb1").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmError::MissingFile {
+                    what: "guest kernel",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!c.run_root.join("sb1").exists());
+    }
+
+    #[tokio::test]
+    async fn early_vmm_exit_reports_stderr_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_files(dir.path());
+        let err = Vm::start(&c, "sb2").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VmError::VmmExited { .. }), "{msg}");
+        assert!(msg.contains("cannot load kernel"), "{msg}");
+        assert!(msg.contains("exit status: 2"), "{msg}");
+        assert!(!c.run_root.join("sb2").exists());
+    }
+
+    #[tokio::test]
+    async fn silent_vmm_times_out_and_is_killed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = fake_files(dir.path());
+        std::fs::write(
+            &c.vmm_binary,
+            "#!/bin/sh\necho booting >&2\nexec sleep 30\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&c.vmm_binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        c.boot_timeout = Duration::from_millis(300);
+        let err = Vm::start(&c, "sb3").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VmError::AgentNotReady { .. }), "{msg}");
+        assert!(msg.contains("booting"), "{msg}");
+        assert!(!c.run_root.join("sb3").exists());
+    }
+
+    #[tokio::test]
+    async fn existing_dir_is_not_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_files(dir.path());
+        std::fs::create_dir_all(c.run_root.join("sb4")).unwrap();
+        let err = Vm::start(&c, "sb4").await.unwrap_err();
+        assert!(matches!(err, VmError::AlreadyExists(_)), "{err}");
+        assert!(c.run_root.join("sb4").exists());
+    }
+
+    #[tokio::test]
+    async fn long_socket_path_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = fake_files(dir.path());
+        c.run_root = PathBuf::from(format!("/tmp/{}", "r".repeat(80)));
+        let err = Vm::start(&c, &"s".repeat(20)).await.unwrap_err();
+        assert!(matches!(err, VmError::SocketPathTooLong { .. }), "{err}");
+    }
+}
