@@ -8,7 +8,21 @@
 //! - On DRIVER_OK the transport calls [`VirtioDevice::activate`] once; the device then serves its queues on
 //!   its own worker thread(s) and raises interrupts through [`VirtioInterrupt`].
 
+pub mod block;
+mod chain;
 pub mod mmio;
+pub mod rng;
+#[cfg(test)]
+mod test_utils;
+pub mod vsock;
+mod worker;
+
+pub use block::Block;
+pub use rng::Rng;
+pub use vsock::Vsock;
+
+/// Feature bit every modern (virtio 1.x) device offers and every driver must accept.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -33,7 +47,10 @@ pub struct VirtioInterrupt {
 
 impl VirtioInterrupt {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { status: AtomicU32::new(0), event: EventFd::new(EFD_NONBLOCK)? })
+        Ok(Self {
+            status: AtomicU32::new(0),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 
     /// Tell the driver that a queue has new used buffers.

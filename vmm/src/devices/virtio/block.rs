@@ -1,0 +1,2 @@
+//! virtio-blk (in progress).
+pub struct Block;

@@ -1,0 +1,387 @@
+//! virtio-vsock (device type 19) with the hybrid host side of docs/interfaces.md.
+//!
+//! - `packet`: the wire header.
+//! - `connection`: one stream's state machine and credit accounting.
+//! - `muxer`: the Unix listener, host connections, routing of guest packets.
+//! - this module: the [`VirtioDevice`] and its worker thread (epoll over the queue eventfds, the listener
+//!   and every connection).
+
+mod connection;
+mod muxer;
+mod packet;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{Chain, DeviceQueue};
+use super::worker::Worker;
+use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::GuestMemoryMmap;
+use muxer::Muxer;
+use packet::{Header, HDR_LEN};
+
+/// virtio device ID of vsock.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Size of each of the three queues (rx, tx, event).
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+// Queue 2 (events) is only ever used for transport resets, which this device does not send.
+/// Largest payload in one packet, either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
+pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Largest descriptor chain accepted (header + payload + slack for driver padding).
+const MAX_CHAIN_BYTES: u64 = (MAX_PKT_PAYLOAD + HDR_LEN + 4096) as u64;
+
+const TOKEN_KILL: u64 = 0;
+const TOKEN_QUEUE_BASE: u64 = 1; // 1, 2, 3 = rx, tx, event
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is reserved (must be 3..=0xffff_fffe)")]
+    InvalidCid(u64),
+    #[error("cannot bind vsock socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("vsock socket {0} is in use by a live listener")]
+    InUse(PathBuf),
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    uds_path: PathBuf,
+    listener: Option<UnixListener>,
+    acked_features: u64,
+    worker: Option<Worker<Option<UnixListener>>>,
+}
+
+/// Bind the listener, replacing a stale socket file (one nobody listens on) but never a live one.
+fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(VsockError::InUse(path.to_path_buf()));
+            }
+            tracing::info!(path = %path.display(), "vsock: replacing stale socket file");
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path).map_err(|source| VsockError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(VsockError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+impl Vsock {
+    /// A vsock device for guest `cid`, listening on `uds_path` right away (host connections made before
+    /// the guest driver is up wait in the listen backlog).
+    pub fn new(cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if !(3..=0xffff_fffe).contains(&cid) {
+            return Err(VsockError::InvalidCid(cid));
+        }
+        let listener = bind_listener(uds_path)?;
+        Ok(Self {
+            cid,
+            uds_path: uds_path.to_path_buf(),
+            listener: Some(listener),
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The guest CID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The Unix socket hosts connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            if let Some(Some(l)) = w.stop() {
+                self.listener = Some(l);
+            }
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.stop_worker();
+        if self.listener.take().is_some() || self.worker.is_none() {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cfg = self.cid.to_le_bytes();
+        let Ok(off) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = off
+            .checked_add(data.len())
+            .and_then(|end| cfg.get(off..end))
+        {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!(
+            offset,
+            "vsock: guest write to read-only config space ignored"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<(Queue, EventFd)>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                actual: queues.len(),
+            });
+        }
+        let listener = match self.listener.take() {
+            Some(l) => l,
+            None => {
+                bind_listener(&self.uds_path).map_err(|e| ActivateError::Backend(e.to_string()))?
+            }
+        };
+        let queues: Vec<DeviceQueue> = queues
+            .into_iter()
+            .map(|(q, e)| DeviceQueue::new(q, e))
+            .collect();
+        let epoll = Epoll::new()?;
+        for (i, q) in queues.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                q.event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_QUEUE_BASE + i as u64),
+            )?;
+        }
+        // On failure the listener is gone; the next activation binds again.
+        let muxer = Muxer::new(self.cid, self.uds_path.clone(), listener, epoll)?;
+        let worker = VsockWorker {
+            mem,
+            interrupt,
+            queues,
+            muxer,
+            payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+        };
+        self.worker = Some(Worker::spawn("capsa-vsock", move |kill| worker.run(kill))?);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop_worker();
+        self.acked_features = 0;
+        true
+    }
+}
+
+struct VsockWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<DeviceQueue>,
+    muxer: Muxer,
+    payload: Vec<u8>,
+}
+
+impl VsockWorker {
+    /// Serve until `kill` fires; returns the listener for the next activation.
+    fn run(mut self, kill: EventFd) -> Option<UnixListener> {
+        if let Err(e) = self.muxer.epoll().ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_KILL),
+        ) {
+            tracing::error!(error = %e, "vsock: cannot watch kill event");
+            return Some(self.muxer.into_listener());
+        }
+        let mut events = vec![EpollEvent::default(); 64];
+        // Connections made before activation are waiting in the backlog.
+        self.muxer.accept_all();
+        loop {
+            let timeout = loop {
+                self.process_tx();
+                self.process_rx();
+                let (expired, timeout) = self.muxer.check_deadlines(Instant::now());
+                if !expired {
+                    break timeout;
+                }
+            };
+            for q in &mut self.queues {
+                q.notify(&self.mem, &self.interrupt);
+            }
+            let n = match self.muxer.epoll().wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "vsock: epoll wait failed; worker stops");
+                    return Some(self.muxer.into_listener());
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_KILL => return Some(self.muxer.into_listener()),
+                    t @ TOKEN_QUEUE_BASE..=3 => {
+                        if let Some(q) = self.queues.get((t - TOKEN_QUEUE_BASE) as usize) {
+                            q.drain_event();
+                        }
+                    }
+                    muxer::TOKEN_LISTENER => self.muxer.accept_all(),
+                    t => self.muxer.on_connection_event(t, ev.event_set()),
+                }
+            }
+        }
+    }
+
+    /// Take every packet the guest queued.
+    fn process_tx(&mut self) {
+        let mem = &self.mem;
+        let mut hdr_buf = [0u8; HDR_LEN];
+        while let Some(chain) = self.queues[TXQ].pop(mem) {
+            let head = chain.head_index();
+            match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
+                Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.payload),
+                Err(TxError::Chain(e)) => {
+                    tracing::warn!(error = %e, head, "vsock: bad tx descriptor chain")
+                }
+                Err(TxError::Packet(why, hdr)) => {
+                    tracing::warn!(why, head, "vsock: bad tx packet");
+                    if let Some(hdr) = hdr {
+                        self.muxer.on_bad_packet(&hdr);
+                    }
+                }
+            }
+            self.queues[TXQ].add_used(mem, head, 0);
+        }
+    }
+
+    /// Fill rx buffers with whatever the host side has for the guest.
+    fn process_rx(&mut self) {
+        let mem = &self.mem;
+        while self.muxer.has_rx() {
+            let Some(chain) = self.queues[RXQ].pop(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let chain = match Chain::parse(mem, chain, MAX_CHAIN_BYTES) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, head, "vsock: bad rx descriptor chain");
+                    self.queues[RXQ].add_used(mem, head, 0);
+                    continue;
+                }
+            };
+            if !chain.readable.is_empty() || chain.writable.len() < HDR_LEN as u64 {
+                tracing::warn!(head, "vsock: rx buffer not device-writable or too small");
+                self.queues[RXQ].add_used(mem, head, 0);
+                continue;
+            }
+            let room = (chain.writable.len() as usize - HDR_LEN).min(MAX_PKT_PAYLOAD);
+            let Some(mut hdr) = self.muxer.next_rx(room, &mut self.payload) else {
+                self.queues[RXQ].undo_pop();
+                break;
+            };
+            hdr.len = self.payload.len() as u32;
+            let mut cur = chain.writable.cursor();
+            let written = cur
+                .write(mem, &hdr.to_bytes())
+                .and_then(|a| Ok(a + cur.write(mem, &self.payload)?));
+            match written {
+                Ok(n) => self.queues[RXQ].add_used(mem, head, n as u32),
+                Err(e) => {
+                    tracing::error!(error = %e, "vsock: cannot write rx buffer");
+                    self.queues[RXQ].add_used(mem, head, 0);
+                }
+            }
+        }
+    }
+}
+
+enum TxError {
+    Chain(super::chain::ChainError),
+    Packet(&'static str, Option<Header>),
+}
+
+fn parse_tx(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    hdr_buf: &mut [u8; HDR_LEN],
+    payload: &mut Vec<u8>,
+) -> Result<Header, TxError> {
+    payload.clear();
+    let chain = Chain::parse(mem, chain, MAX_CHAIN_BYTES).map_err(TxError::Chain)?;
+    if !chain.writable.is_empty() {
+        return Err(TxError::Packet(
+            "device-writable descriptor in tx chain",
+            None,
+        ));
+    }
+    let mut cur = chain.readable.cursor();
+    match cur.read(mem, hdr_buf) {
+        Ok(HDR_LEN) => {}
+        _ => return Err(TxError::Packet("header too short", None)),
+    }
+    let hdr = Header::from_bytes(hdr_buf);
+    let len = hdr.len as usize;
+    if len > MAX_PKT_PAYLOAD || len as u64 > cur.remaining() {
+        return Err(TxError::Packet(
+            "payload length beyond the buffer or the maximum",
+            Some(hdr),
+        ));
+    }
+    if len > 0 && hdr.op != packet::OP_RW {
+        return Err(TxError::Packet("payload on a control packet", Some(hdr)));
+    }
+    payload.resize(len, 0);
+    match cur.read(mem, payload) {
+        Ok(n) if n == len => Ok(hdr),
+        _ => Err(TxError::Packet("cannot read payload", Some(hdr))),
+    }
+}

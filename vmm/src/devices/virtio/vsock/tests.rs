@@ -1,0 +1,758 @@
+//! vsock device tests: the guest is simulated through mock queues, the host side uses real Unix sockets.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::packet::*;
+use super::*;
+use crate::devices::virtio::test_utils::*;
+
+const CID: u64 = 3;
+const T: Duration = Duration::from_secs(5);
+const RX_BUF: u32 = 4096;
+
+struct Guest<'a> {
+    mem: &'a GuestMemoryMmap,
+    rx: TestQueue<'a>,
+    tx: TestQueue<'a>,
+    _ev: TestQueue<'a>,
+    bump: Bump,
+    rx_bufs: std::collections::HashMap<u32, u64>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl<'a> Guest<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Self {
+        Self {
+            mem,
+            rx: TestQueue::new(mem, 0x0, QUEUE_SIZE),
+            tx: TestQueue::new(mem, 0x1_0000, QUEUE_SIZE),
+            _ev: TestQueue::new(mem, 0x2_0000, QUEUE_SIZE),
+            bump: Bump::new(),
+            rx_bufs: Default::default(),
+            interrupt: Arc::new(VirtioInterrupt::new().unwrap()),
+        }
+    }
+
+    fn activate(&self, dev: &mut Vsock) {
+        let qs = vec![
+            self.rx.device_side(),
+            self.tx.device_side(),
+            self._ev.device_side(),
+        ];
+        dev.activate(self.mem.clone(), self.interrupt.clone(), qs)
+            .unwrap();
+    }
+
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            let a = self.bump.alloc(u64::from(RX_BUF));
+            let head = self.rx.add(&[(a, RX_BUF, true)]);
+            self.rx_bufs.insert(u32::from(head), a);
+        }
+    }
+
+    /// Next packet the device put in rx, if one comes within `timeout`.
+    fn recv_within(&mut self, timeout: Duration) -> Option<(Header, Vec<u8>)> {
+        let (id, len) = self.rx.wait_used(timeout)?;
+        let addr = self
+            .rx_bufs
+            .remove(&id)
+            .expect("used id is one of our buffers");
+        assert!(
+            len as usize >= HDR_LEN,
+            "rx used len {len} shorter than a header"
+        );
+        let raw = read_bytes(self.mem, addr, len as usize);
+        let hdr = Header::from_bytes(raw[..HDR_LEN].try_into().unwrap());
+        assert_eq!(hdr.len as usize, len as usize - HDR_LEN);
+        assert_eq!(hdr.src_cid, HOST_CID);
+        assert_eq!(hdr.dst_cid, CID);
+        Some((hdr, raw[HDR_LEN..].to_vec()))
+    }
+
+    fn recv(&mut self) -> (Header, Vec<u8>) {
+        self.recv_within(T).expect("no rx packet from the device")
+    }
+
+    /// Put a packet on tx and wait until the device consumed it; returns the used length.
+    fn send_raw(&mut self, bytes: &[u8]) -> u32 {
+        let a = self.bump.alloc(bytes.len() as u64);
+        write_bytes(self.mem, a, bytes);
+        let head = self.tx.add(&[(a, bytes.len() as u32, false)]);
+        let (id, len) = self.tx.wait_used(T).expect("tx chain not used");
+        assert_eq!(id, u32::from(head));
+        len
+    }
+
+    fn send(&mut self, hdr: Header, payload: &[u8]) {
+        let mut h = hdr;
+        h.len = payload.len() as u32;
+        let mut b = h.to_bytes().to_vec();
+        b.extend_from_slice(payload);
+        assert_eq!(self.send_raw(&b), 0);
+    }
+}
+
+/// A guest packet on the stream (guest_port -> host_port).
+fn gpkt(op: u16, guest_port: u32, host_port: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
+    Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: guest_port,
+        dst_port: host_port,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc,
+        fwd_cnt,
+    }
+}
+
+fn socket_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("v.sock")
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b).unwrap() {
+            0 => break,
+            _ if b[0] == b'\n' => break,
+            _ => out.push(b[0]),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn read_exact_timeout(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v).unwrap();
+    v
+}
+
+/// Host connects with CONNECT `port`; the guest accepts. Returns (host stream, host-side port).
+fn host_connect(g: &mut Guest, path: &PathBuf, port: u32, guest_buf: u32) -> (UnixStream, u32) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let (req, _) = g.recv();
+    assert_eq!(req.op, OP_REQUEST);
+    assert_eq!(req.dst_port, port);
+    assert!(req.src_port >= 1 << 30);
+    assert_eq!(req.type_, TYPE_STREAM);
+    assert_eq!(req.buf_alloc, connection::CONN_BUF_SIZE);
+    g.send(gpkt(OP_RESPONSE, port, req.src_port, guest_buf, 0), &[]);
+    s.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(read_line(&mut s), format!("OK {}", req.src_port));
+    (s, req.src_port)
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn config_and_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Vsock::new(0xfedc_ba98, &socket_path(&dir)).unwrap();
+    assert_eq!(dev.device_type(), 19);
+    assert_eq!(dev.queue_max_sizes().len(), 3);
+    assert_ne!(dev.avail_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    let mut lo = [0u8; 4];
+    dev.read_config(0, &mut lo);
+    let mut hi = [0u8; 4];
+    dev.read_config(4, &mut hi);
+    assert_eq!(u32::from_le_bytes(lo), 0xfedc_ba98);
+    assert_eq!(u32::from_le_bytes(hi), 0);
+    let mut all = [0u8; 8];
+    dev.read_config(0, &mut all);
+    assert_eq!(u64::from_le_bytes(all), 0xfedc_ba98);
+    let mut past = [0xffu8; 4];
+    dev.read_config(6, &mut past);
+    assert_eq!(past, [0; 4]);
+    dev.read_config(u64::MAX, &mut past);
+    assert_eq!(past, [0; 4]);
+}
+
+#[test]
+fn new_rejects_reserved_cids_and_live_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = socket_path(&dir);
+    assert!(matches!(Vsock::new(2, &p), Err(VsockError::InvalidCid(2))));
+    assert!(matches!(
+        Vsock::new(u64::from(u32::MAX), &p),
+        Err(VsockError::InvalidCid(_))
+    ));
+    let live = Vsock::new(3, &p).unwrap();
+    assert!(matches!(Vsock::new(4, &p), Err(VsockError::InUse(_))));
+    drop(live);
+    assert!(!p.exists(), "socket file removed on drop");
+    // A stale socket file (nobody listening) is replaced.
+    drop(UnixListener::bind(&p).unwrap());
+    assert!(p.exists());
+    let _dev = Vsock::new(3, &p).unwrap();
+    UnixStream::connect(&p).unwrap();
+}
+
+#[test]
+fn host_connect_handshake_and_data_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    let (mut s, local) = host_connect(&mut g, &path, 1024, 65536);
+
+    s.write_all(b"hello guest").unwrap();
+    let (h, data) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RW, local, 1024));
+    assert_eq!(data, b"hello guest");
+    assert_ne!(
+        g.interrupt.status() & crate::devices::virtio::VIRTIO_MMIO_INT_VRING,
+        0
+    );
+
+    g.send(gpkt(OP_RW, 1024, local, 65536, 11), b"hello host");
+    assert_eq!(read_exact_timeout(&mut s, 10), b"hello host");
+
+    // The host half-closes: the guest gets SHUTDOWN(SEND) and can still send.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (h, _) = g.recv();
+    assert_eq!(h.op, OP_SHUTDOWN);
+    assert_eq!(h.flags & SHUTDOWN_SEND, SHUTDOWN_SEND);
+    assert_eq!(h.flags & SHUTDOWN_RCV, 0);
+    g.send(gpkt(OP_RW, 1024, local, 65536, 11), b"still here");
+    assert_eq!(read_exact_timeout(&mut s, 10), b"still here");
+    // The guest closes too: the host sees EOF and the guest gets RST (connection finished).
+    g.send(
+        gpkt(OP_SHUTDOWN, 1024, local, 65536, 11).with_flags(SHUTDOWN_SEND | SHUTDOWN_RCV),
+        &[],
+    );
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let (h, _) = g.recv();
+    assert_eq!(h.op, OP_RST);
+}
+
+impl Header {
+    fn with_flags(mut self, f: u32) -> Self {
+        self.flags = f;
+        self
+    }
+}
+
+#[test]
+fn host_connection_before_activation_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    // The host connects and sends its request while the guest driver is not up yet.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 1024\npipelined").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
+    g.send(gpkt(OP_RESPONSE, 1024, req.src_port, 65536, 0), &[]);
+    s.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(read_line(&mut s), format!("OK {}", req.src_port));
+    // Bytes the host wrote right after the CONNECT line are data, not lost.
+    let (h, data) = g.recv();
+    assert_eq!(h.op, OP_RW);
+    assert_eq!(data, b"pipelined");
+}
+
+#[test]
+fn guest_refusal_closes_host_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 99\n").unwrap();
+    let (req, _) = g.recv();
+    g.send(gpkt(OP_RST, 99, req.src_port, 0, 0), &[]);
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.is_empty(), "host got {buf:?} instead of EOF");
+}
+
+#[test]
+fn bad_connect_lines_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    for line in [&b"HELLO\n"[..], b"CONNECT x\n", &[b'A'; 100][..]] {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(line).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = Vec::new();
+        // Closed by the device: EOF, or a reset when it left bytes unread.
+        match s.read_to_end(&mut buf) {
+            Ok(_) => assert!(buf.is_empty()),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+    }
+    assert!(
+        g.recv_within(Duration::from_millis(100)).is_none(),
+        "guest must not hear of bad requests"
+    );
+}
+
+#[test]
+fn guest_connect_to_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let host_listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    g.send(gpkt(OP_REQUEST, 7777, 5000, 65536, 0), &[]);
+    let (mut s, _) = host_listener.accept().unwrap();
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RESPONSE, 5000, 7777));
+
+    g.send(gpkt(OP_RW, 7777, 5000, 65536, 0), b"ping");
+    assert_eq!(read_exact_timeout(&mut s, 4), b"ping");
+    s.write_all(b"pong").unwrap();
+    let (h, data) = g.recv();
+    assert_eq!((h.op, h.fwd_cnt), (OP_RW, 4));
+    assert_eq!(data, b"pong");
+
+    // The host closes completely: the guest is told neither side will send or receive.
+    drop(s);
+    let (h, _) = g.recv();
+    assert_eq!(h.op, OP_SHUTDOWN);
+    assert_eq!(h.flags, SHUTDOWN_SEND | SHUTDOWN_RCV);
+    g.send(gpkt(OP_RST, 7777, 5000, 65536, 4), &[]);
+    // The port pair is free again.
+    g.send(gpkt(OP_REQUEST, 7777, 5000, 65536, 0), &[]);
+    let _s2 = host_listener.accept().unwrap();
+    assert_eq!(g.recv().0.op, OP_RESPONSE);
+}
+
+#[test]
+fn guest_connect_without_listener_gets_rst() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    g.send(gpkt(OP_REQUEST, 7777, 6000, 65536, 0), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, 6000, 7777));
+}
+
+#[test]
+fn host_to_guest_respects_guest_credit_and_slow_rx() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(2);
+    const GUEST_BUF: u32 = 10_000;
+    let (s, local) = host_connect(&mut g, &path, 1024, GUEST_BUF);
+    let total = 100_000;
+    let data = pattern(total);
+    let writer = {
+        let data = data.clone();
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&data).unwrap())
+    };
+    // The guest is not reading rx for a while (no buffers posted): nothing must get lost.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut got = Vec::new();
+    let mut consumed = 0u32;
+    while got.len() < total {
+        g.post_rx(4);
+        // Take everything the credit allows.
+        while let Some((h, d)) = g.recv_within(Duration::from_millis(100)) {
+            assert_eq!(h.op, OP_RW);
+            got.extend_from_slice(&d);
+            assert!(
+                got.len() as u32 - consumed <= GUEST_BUF,
+                "device exceeded the guest's credit"
+            );
+        }
+        // Credit exhausted (or all sent): the device is quiet. The guest "consumes" and says so.
+        assert!(got.len() == total || got.len() as u32 - consumed == GUEST_BUF);
+        consumed = got.len() as u32;
+        g.send(
+            gpkt(OP_CREDIT_UPDATE, 1024, local, GUEST_BUF, consumed),
+            &[],
+        );
+    }
+    writer.join().unwrap();
+    assert_eq!(got, data);
+}
+
+#[test]
+fn guest_to_slow_host_is_byte_exact_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(64);
+    let (s, local) = host_connect(&mut g, &path, 1024, 65536);
+    let total = 2 << 20;
+    let data = pattern(total);
+    let reader = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // A host that does not read at first, then reads slowly.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut out = Vec::new();
+            let mut buf = [0u8; 16384];
+            while out.len() < total {
+                let n = s.read(&mut buf).unwrap();
+                assert_ne!(n, 0);
+                out.extend_from_slice(&buf[..n]);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            out
+        })
+    };
+    // Guest side of the credit protocol: send only what the device's buf_alloc/fwd_cnt allow.
+    let (mut peer_alloc, mut peer_fwd) = (connection::CONN_BUF_SIZE, 0u32);
+    let mut sent = 0usize;
+    let mut stalls = 0;
+    while sent < total {
+        let credit = peer_alloc - (sent as u32 - peer_fwd);
+        if credit == 0 {
+            stalls += 1;
+            let (h, _) = g.recv();
+            assert_eq!(h.op, OP_CREDIT_UPDATE, "only credit updates expected");
+            g.post_rx(1);
+            peer_alloc = h.buf_alloc;
+            peer_fwd = h.fwd_cnt;
+            continue;
+        }
+        let n = (credit as usize).min(32 * 1024).min(total - sent);
+        g.send(gpkt(OP_RW, 1024, local, 65536, 0), &data[sent..sent + n]);
+        sent += n;
+        while let Some((h, _)) = g.recv_within(Duration::ZERO) {
+            g.post_rx(1);
+            peer_fwd = h.fwd_cnt;
+        }
+    }
+    assert!(
+        stalls > 0,
+        "the slow host never exhausted the guest's credit"
+    );
+    let out = reader.join().unwrap();
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "bytes differ");
+}
+
+#[test]
+fn guest_exceeding_credit_is_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    let (mut s, local) = host_connect(&mut g, &path, 1024, 65536);
+    // The host never reads; the guest ignores credit and pushes far more than advertised.
+    let chunk = vec![0x5a; MAX_PKT_PAYLOAD];
+    let mut reset = false;
+    for _ in 0..64 {
+        g.send(gpkt(OP_RW, 1024, local, 65536, 0), &chunk);
+        if let Some((h, _)) = g.recv_within(Duration::ZERO) {
+            if h.op == OP_RST {
+                reset = true;
+                break;
+            }
+        }
+    }
+    if !reset {
+        reset = g.recv().0.op == OP_RST;
+    }
+    assert!(reset, "credit violation must reset the connection");
+    // The host connection was closed after what fit in the credit.
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert!(got.len() <= connection::CONN_BUF_SIZE as usize);
+}
+
+#[test]
+fn credit_request_gets_credit_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    let (mut s, local) = host_connect(&mut g, &path, 1024, 65536);
+    g.send(gpkt(OP_RW, 1024, local, 65536, 0), b"abc");
+    assert_eq!(read_exact_timeout(&mut s, 3), b"abc");
+    g.send(gpkt(OP_CREDIT_REQUEST, 1024, local, 65536, 0), &[]);
+    let (h, _) = g.recv();
+    assert_eq!(
+        (h.op, h.fwd_cnt, h.buf_alloc),
+        (OP_CREDIT_UPDATE, 3, connection::CONN_BUF_SIZE)
+    );
+}
+
+/// Device and host connection up; returns what hostile tests need.
+fn hostile_setup<'a>(
+    mem: &'a GuestMemoryMmap,
+    dir: &tempfile::TempDir,
+) -> (Vsock, Guest<'a>, UnixStream, u32) {
+    let path = socket_path(dir);
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    let (s, local) = host_connect(&mut g, &path, 1024, 65536);
+    (dev, g, s, local)
+}
+
+/// After hostile input, the connection must still carry data both ways.
+fn assert_still_works(g: &mut Guest, s: &mut UnixStream, local: u32) {
+    g.send(gpkt(OP_RW, 1024, local, 65536, 0), b"alive");
+    assert_eq!(read_exact_timeout(s, 5), b"alive");
+    s.write_all(b"yes").unwrap();
+    let (h, d) = g.recv();
+    assert_eq!((h.op, d.as_slice()), (OP_RW, &b"yes"[..]));
+}
+
+#[test]
+fn hostile_tx_chains_are_used_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_mem();
+    let (_dev, mut g, mut s, local) = hostile_setup(&mem, &dir);
+
+    // Descriptor outside guest memory.
+    let h = g.tx.add(&[(MEM_SIZE as u64 - 8, 64, false)]);
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(h), 0)));
+    let h = g.tx.add(&[(u64::MAX - 10, 64, false)]);
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(h), 0)));
+    // A chain that loops: 0 -> 1 -> 0.
+    let first = g.tx.reserve(2);
+    let a = g.bump.alloc(64);
+    g.tx.store(first, a, 44, 1, first + 1);
+    g.tx.store(first + 1, a, 20, 1, first);
+    g.tx.publish(first);
+    g.tx.kick();
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(first), 0)));
+    // A descriptor pointing at itself.
+    let d = g.tx.reserve(1);
+    g.tx.store(d, a, 44, 1, d);
+    g.tx.publish(d);
+    g.tx.kick();
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(d), 0)));
+    // next index out of the table.
+    let d = g.tx.reserve(1);
+    g.tx.store(d, a, 44, 1, 60000);
+    g.tx.publish(d);
+    g.tx.kick();
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(d), 0)));
+    // Wrong direction: a device-writable buffer on tx.
+    let h = g.tx.add(&[(a, 64, true)]);
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(h), 0)));
+    // Header too short.
+    assert_eq!(g.send_raw(&[1, 2, 3, 4, 5]), 0);
+    // Huge descriptor length (beyond the chain limit).
+    let h = g.tx.add(&[(DATA_START, 16 << 20, false)]);
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(h), 0)));
+    // Header claiming more payload than the buffer holds, on an unknown port pair: RST reply.
+    let mut hdr = gpkt(OP_RW, 4242, 4343, 0, 0);
+    hdr.len = 60000;
+    let mut b = hdr.to_bytes().to_vec();
+    b.extend_from_slice(b"short");
+    assert_eq!(g.send_raw(&b), 0);
+    let (r, _) = g.recv();
+    assert_eq!((r.op, r.src_port, r.dst_port), (OP_RST, 4343, 4242));
+    // Unknown op and unknown type for unknown connections: RST replies.
+    g.send(gpkt(99, 4242, 4343, 0, 0), &[]);
+    assert_eq!(g.recv().0.op, OP_RST);
+    let mut dgram = gpkt(OP_REQUEST, 4242, 4343, 0, 0);
+    dgram.type_ = 2;
+    g.send(dgram, &[]);
+    assert_eq!(g.recv().0.op, OP_RST);
+    // Wrong source CID: dropped silently.
+    let mut spoof = gpkt(OP_REQUEST, 4242, 4343, 0, 0);
+    spoof.src_cid = 77;
+    g.send(spoof, &[]);
+    assert!(g.recv_within(Duration::from_millis(50)).is_none());
+
+    assert_still_works(&mut g, &mut s, local);
+}
+
+#[test]
+fn oversized_len_on_live_connection_resets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_mem();
+    let (_dev, mut g, mut s, local) = hostile_setup(&mem, &dir);
+    let mut hdr = gpkt(OP_RW, 1024, local, 65536, 0);
+    hdr.len = u32::MAX;
+    assert_eq!(g.send_raw(&hdr.to_bytes()), 0);
+    assert_eq!(g.recv().0.op, OP_RST);
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn unknown_op_on_live_connection_resets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_mem();
+    let (_dev, mut g, mut s, local) = hostile_setup(&mem, &dir);
+    g.send(gpkt(0x1234, 1024, local, 65536, 0), &[]);
+    assert_eq!(g.recv().0.op, OP_RST);
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn hostile_rx_buffers_are_used_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    // Host asks for a connection so the device has something to send.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    let a = g.bump.alloc(4096);
+    // Device-readable rx buffer, too-small buffer, buffer outside memory.
+    let bad: Vec<u16> = vec![
+        g.rx.add(&[(a, 4096, false)]),
+        g.rx.add(&[(a, 20, true)]),
+        g.rx.add(&[(MEM_SIZE as u64, 4096, true)]),
+    ];
+    for h in bad {
+        assert_eq!(g.rx.wait_used(T), Some((u32::from(h), 0)));
+    }
+    // A good buffer still gets the request.
+    g.post_rx(1);
+    let (req, _) = g.recv();
+    assert_eq!(req.op, OP_REQUEST);
+}
+
+#[test]
+fn rx_split_across_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    // Header split over two descriptors, as some drivers do.
+    let a = g.bump.alloc(30);
+    let b = g.bump.alloc(100);
+    let head = g.rx.add(&[(a, 30, true), (b, 100, true)]);
+    let (id, len) = g.rx.wait_used(T).unwrap();
+    assert_eq!((id, len), (u32::from(head), HDR_LEN as u32));
+    let mut raw = read_bytes(&mem, a, 30);
+    raw.extend(read_bytes(&mem, b, 14));
+    let h = Header::from_bytes(raw[..].try_into().unwrap());
+    assert_eq!((h.op, h.dst_port), (OP_REQUEST, 1024));
+}
+
+#[test]
+fn connect_timeout_when_guest_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    let (req, _) = g.recv();
+    assert_eq!(req.op, OP_REQUEST);
+    // No RESPONSE: after the timeout the guest gets RST and the host EOF.
+    let (h, _) = g.recv_within(muxer::CONNECT_TIMEOUT + T).unwrap();
+    assert_eq!((h.op, h.src_port), (OP_RST, req.src_port));
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn reset_drops_connections_and_reactivates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    {
+        let mut g = Guest::new(&mem);
+        g.activate(&mut dev);
+        g.post_rx(4);
+        let (mut s, _) = host_connect(&mut g, &path, 1024, 65536);
+        assert!(dev.reset());
+        let mut buf = Vec::new();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.read_to_end(&mut buf).unwrap();
+        assert!(buf.is_empty(), "host connection closed by the reset");
+    }
+    // Fresh queues after the reset; the same listener serves.
+    let mem2 = test_mem();
+    let mut g = Guest::new(&mem2);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    let (_s, _) = host_connect(&mut g, &path, 1024, 65536);
+    assert!(matches!(
+        dev.activate(mem2.clone(), g.interrupt.clone(), vec![]),
+        Err(ActivateError::AlreadyActive)
+    ));
+    drop(dev);
+    assert!(!path.exists());
+}
+
+#[test]
+fn activate_with_wrong_queue_count_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &socket_path(&dir)).unwrap();
+    let g = Guest::new(&mem);
+    let r = dev.activate(mem.clone(), g.interrupt.clone(), vec![g.rx.device_side()]);
+    assert!(matches!(
+        r,
+        Err(ActivateError::QueueCount {
+            expected: 3,
+            actual: 1
+        })
+    ));
+}
