@@ -193,14 +193,14 @@ fn run(args: &Args, facts: AgentFacts) -> anyhow::Result<()> {
         });
         let max_attempts = if is_init { None } else { Some(5) };
         let mut server = server::start_with_retry(&args.listen, service, max_attempts).await?;
-        let since_start_ms = guest_details::uptime_ns()
+        let since_start_us = guest_details::uptime_ns()
             .unwrap_or(0)
             .saturating_sub(facts.start_uptime_ns)
-            / 1_000_000;
+            / 1_000;
         tracing::info!(
-            "listening on {} ({} ms after agent start, guest uptime at start {} ms)",
+            "listening on {} ({} us after agent start; guest uptime at agent start {} ms)",
             args.listen,
-            since_start_ms,
+            since_start_us,
             facts.start_uptime_ns / 1_000_000
         );
 
