@@ -11,3 +11,4 @@ pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
 pub mod vm;
+pub mod shim;

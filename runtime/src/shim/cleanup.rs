@@ -1,0 +1,111 @@
+//! What `containerd-shim-capsa-v2 delete` does when the shim is gone: remove everything the container
+//! and, if its shim died, its sandbox VM left on the host.
+
+use std::path::{Path, PathBuf};
+
+use super::bootstrap::{grouping, read_annotations, shim_address, socket_in_use};
+use super::vm_sandbox::ROOTFS_IMAGE;
+
+/// Pids of `capsa-vmm` processes whose command line names `needle` (the sandbox's vsock socket).
+pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_vmm = args
+            .first()
+            .map(|a| a.ends_with(b"capsa-vmm"))
+            .unwrap_or(false);
+        if is_vmm && args.contains(&needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Cleans up after container `id` of `bundle`; returns what it did, for the log.
+pub fn cleanup(
+    id: &str,
+    namespace: &str,
+    containerd_address: &str,
+    bundle: &Path,
+    state_dir: &Path,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    let rootfs = bundle.join("rootfs");
+    let t = rootfs.to_string_lossy().into_owned();
+    match containerd_shim::mount::umount_recursive(Some(&t), libc::MNT_DETACH) {
+        Ok(()) => done.push(format!("unmounted {t}")),
+        Err(e) => done.push(format!("unmount {t}: {e}")),
+    }
+    let image = bundle.join(ROOTFS_IMAGE);
+    if std::fs::remove_file(&image).is_ok() {
+        done.push(format!("removed {}", image.display()));
+    }
+    let annotations = read_annotations(bundle).unwrap_or_default();
+    let group = grouping(id, &annotations);
+    let shim_alive = shim_address(containerd_address, namespace, &group)
+        .map(|a| socket_in_use(&a))
+        .unwrap_or(false);
+    if !shim_alive && !group.is_empty() && !group.contains('/') && group != "." && group != ".." {
+        let sandbox_dir: PathBuf = state_dir.join(&group);
+        let vsock = sandbox_dir.join("vsock.sock");
+        for pid in find_vmm_pids(&vsock.to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            done.push(format!("killed orphaned VMM {pid}"));
+        }
+        if sandbox_dir.exists() {
+            match std::fs::remove_dir_all(&sandbox_dir) {
+                Ok(()) => done.push(format!("removed {}", sandbox_dir.display())),
+                Err(e) => done.push(format!("remove {}: {e}", sandbox_dir.display())),
+            }
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_removes_the_image_and_a_dead_shims_sandbox_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"podx"}}"#,
+        )
+        .unwrap();
+        std::fs::write(bundle.join(ROOTFS_IMAGE), b"img").unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("podx")).unwrap();
+        std::fs::write(state.join("podx/console.log"), b"x").unwrap();
+        let sock = dir.path().join("containerd.sock");
+        let done = cleanup("c1", "test-ns", &sock.to_string_lossy(), &bundle, &state);
+        assert!(!bundle.join(ROOTFS_IMAGE).exists(), "{done:?}");
+        assert!(!state.join("podx").exists(), "{done:?}");
+        assert!(state.exists(), "only the sandbox's own directory goes");
+    }
+
+    #[test]
+    fn vmm_lookup_finds_nothing_for_an_unknown_socket() {
+        assert!(find_vmm_pids("/nonexistent/capsa/vsock.sock").is_empty());
+    }
+}

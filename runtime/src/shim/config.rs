@@ -1,0 +1,421 @@
+//! capsa's runtime configuration (`/etc/capsa/configuration.toml`) and the per-pod sizing annotations.
+//!
+//! ```toml
+//! [hypervisor]
+//! path = "/usr/local/bin/capsa-vmm"      # the VMM binary
+//! kernel = "/usr/share/capsa/vmlinux"     # guest kernel (PVH vmlinux or bzImage)
+//! initrd = "/usr/share/capsa/initrd.img"  # initrd carrying capsa-agent as /init
+//! default_vcpus = 1
+//! default_memory_mib = 256
+//! max_vcpus = 8
+//! max_memory_mib = 8192
+//! kernel_params = ""                      # appended to the runtime's command line
+//! debug_console = false                   # guest console goes to the shim log when true
+//!
+//! [runtime]
+//! log_level = "info"
+//! state_dir = "/run/capsa"                # one directory per sandbox under it
+//! ```
+//! Every key is optional. Annotations `capsa.io/vcpus` and `capsa.io/memory` (MiB, or a size with
+//! `Mi`/`Gi`/`M`/`G`) override the defaults for one pod, within `max_vcpus`/`max_memory_mib`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the shim and `capsa run` look for the configuration unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsa/configuration.toml";
+/// Environment variable that names another configuration file.
+pub const CONFIG_ENV: &str = "CAPSA_CONFIG";
+
+pub const ANNOTATION_VCPUS: &str = "capsa.io/vcpus";
+pub const ANNOTATION_MEMORY: &str = "capsa.io/memory";
+
+/// Memory the guest kernel and agent need on top of what the containers may use.
+pub const GUEST_BASE_MEMORY_MIB: u64 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad configuration {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("annotation {key}={value:?}: {reason}")]
+    Annotation {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    pub path: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u64,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
+    pub kernel_params: String,
+    pub debug_console: bool,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/usr/local/bin/capsa-vmm"),
+            kernel: PathBuf::from("/usr/share/capsa/vmlinux"),
+            initrd: Some(PathBuf::from("/usr/share/capsa/initrd.img")),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
+            kernel_params: String::new(),
+            debug_console: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    pub log_level: String,
+    pub state_dir: PathBuf,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            state_dir: PathBuf::from("/run/capsa"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapsaConfig {
+    pub hypervisor: HypervisorConfig,
+    pub runtime: RuntimeSection,
+}
+
+/// vCPUs and memory of one sandbox VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl CapsaConfig {
+    /// Parses a configuration document.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: CapsaConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads `path`; a missing file at the default location gives the defaults, a missing file that was
+    /// asked for explicitly is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => match std::env::var_os(CONFIG_ENV) {
+                Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+                _ => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.hypervisor;
+        if h.default_vcpus == 0 || h.default_vcpus > h.max_vcpus {
+            return Err(ConfigError::Invalid(format!(
+                "hypervisor.default_vcpus = {} must be between 1 and max_vcpus = {}",
+                h.default_vcpus, h.max_vcpus
+            )));
+        }
+        if h.default_memory_mib < 64 || h.default_memory_mib > h.max_memory_mib {
+            return Err(ConfigError::Invalid(format!(
+                "hypervisor.default_memory_mib = {} must be between 64 and max_memory_mib = {}",
+                h.default_memory_mib, h.max_memory_mib
+            )));
+        }
+        match self.runtime.log_level.as_str() {
+            "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
+            other => Err(ConfigError::Invalid(format!(
+                "runtime.log_level = {other:?}: use error, warn, info, debug or trace"
+            ))),
+        }
+    }
+
+    /// Size of the VM for a sandbox whose spec carries `annotations` and, for a standalone container,
+    /// its own `limits`: annotations override the defaults; a container's memory limit and CPU quota are
+    /// added on top of the default, so the limit can actually be used inside the guest.
+    pub fn vm_size(
+        &self,
+        annotations: &HashMap<String, String>,
+        limits: ContainerLimits,
+    ) -> Result<VmSize, ConfigError> {
+        let h = &self.hypervisor;
+        let mut size = VmSize {
+            vcpus: h.default_vcpus,
+            memory_mib: h.default_memory_mib,
+        };
+        let mut vcpus_annotated = false;
+        let mut memory_annotated = false;
+        if let Some(v) = annotations.get(ANNOTATION_VCPUS) {
+            let n: u32 = v.trim().parse().map_err(|_| ConfigError::Annotation {
+                key: ANNOTATION_VCPUS.into(),
+                value: v.clone(),
+                reason: "not a whole number of vCPUs".into(),
+            })?;
+            if n == 0 || n > h.max_vcpus {
+                return Err(ConfigError::Annotation {
+                    key: ANNOTATION_VCPUS.into(),
+                    value: v.clone(),
+                    reason: format!("must be between 1 and {}", h.max_vcpus),
+                });
+            }
+            size.vcpus = n;
+            vcpus_annotated = true;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_MEMORY) {
+            let mib = parse_mib(v).ok_or_else(|| ConfigError::Annotation {
+                key: ANNOTATION_MEMORY.into(),
+                value: v.clone(),
+                reason: "not a size (MiB, or with a Mi/Gi/M/G suffix)".into(),
+            })?;
+            if !(64..=h.max_memory_mib).contains(&mib) {
+                return Err(ConfigError::Annotation {
+                    key: ANNOTATION_MEMORY.into(),
+                    value: v.clone(),
+                    reason: format!("must be between 64 and {} MiB", h.max_memory_mib),
+                });
+            }
+            size.memory_mib = mib;
+            memory_annotated = true;
+        }
+        if !memory_annotated {
+            if let Some(bytes) = limits.memory_bytes {
+                let mib = bytes.div_ceil(1 << 20);
+                size.memory_mib = (GUEST_BASE_MEMORY_MIB + mib)
+                    .max(size.memory_mib)
+                    .min(h.max_memory_mib);
+            }
+        }
+        if !vcpus_annotated {
+            if let Some(cpus) = limits.cpus() {
+                size.vcpus = (h.default_vcpus + cpus).min(h.max_vcpus);
+            }
+        }
+        Ok(size)
+    }
+}
+
+/// The parts of a container's own resources that size its VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerLimits {
+    pub memory_bytes: Option<u64>,
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+}
+
+impl ContainerLimits {
+    /// Whole CPUs the quota asks for, rounded up.
+    pub fn cpus(&self) -> Option<u32> {
+        match (self.cpu_quota, self.cpu_period) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => u32::try_from((q as u64).div_ceil(p))
+                .ok()
+                .filter(|c| *c > 0),
+            _ => None,
+        }
+    }
+
+    /// Reads `linux.resources` of an OCI spec given as JSON.
+    pub fn from_spec(spec: &serde_json::Value) -> Self {
+        let r = &spec["linux"]["resources"];
+        ContainerLimits {
+            memory_bytes: r["memory"]["limit"]
+                .as_i64()
+                .filter(|l| *l > 0)
+                .map(|l| l as u64),
+            cpu_quota: r["cpu"]["quota"].as_i64(),
+            cpu_period: r["cpu"]["period"].as_u64(),
+        }
+    }
+}
+
+/// `"512"` → 512, `"1Gi"`/`"1G"` → 1024, `"256Mi"`/`"256M"` → 256.
+fn parse_mib(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (num, mult) = if let Some(n) = v.strip_suffix("Gi").or_else(|| v.strip_suffix('G')) {
+        (n, 1024)
+    } else if let Some(n) = v.strip_suffix("Mi").or_else(|| v.strip_suffix('M')) {
+        (n, 1)
+    } else {
+        (v, 1)
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn full_document_parses() {
+        let cfg = CapsaConfig::from_toml(
+            r#"
+            [hypervisor]
+            path = "/opt/capsa/capsa-vmm"
+            kernel = "/opt/capsa/vmlinux"
+            initrd = "/opt/capsa/initrd.img"
+            default_vcpus = 2
+            default_memory_mib = 512
+            debug_console = true
+            [runtime]
+            log_level = "debug"
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.hypervisor.path, PathBuf::from("/opt/capsa/capsa-vmm"));
+        assert_eq!(cfg.hypervisor.default_vcpus, 2);
+        assert_eq!(cfg.hypervisor.default_memory_mib, 512);
+        assert!(cfg.hypervisor.debug_console);
+        assert_eq!(cfg.runtime.log_level, "debug");
+        // untouched keys keep their defaults
+        assert_eq!(cfg.runtime.state_dir, PathBuf::from("/run/capsa"));
+        assert_eq!(cfg.hypervisor.max_vcpus, 8);
+    }
+
+    #[test]
+    fn empty_document_is_the_defaults() {
+        let cfg = CapsaConfig::from_toml("", Path::new("t.toml")).unwrap();
+        assert_eq!(cfg, CapsaConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_and_bad_values_are_refused_with_the_reason() {
+        let e =
+            CapsaConfig::from_toml("[hypervisor]\nvcpu = 2\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("vcpu"), "{e}");
+        let e = CapsaConfig::from_toml("[hypervisor]\ndefault_vcpus = 0\n", Path::new("t.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("default_vcpus"), "{e}");
+        let e = CapsaConfig::from_toml("[runtime]\nlog_level = \"loud\"\n", Path::new("t.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn load_missing_default_is_defaults_but_missing_explicit_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        assert!(matches!(
+            CapsaConfig::load(Some(&missing)),
+            Err(ConfigError::Read { .. })
+        ));
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[hypervisor]\ndefault_memory_mib = 300\n").unwrap();
+        assert_eq!(
+            CapsaConfig::load(Some(&p))
+                .unwrap()
+                .hypervisor
+                .default_memory_mib,
+            300
+        );
+    }
+
+    #[test]
+    fn annotations_override_defaults_within_bounds() {
+        let cfg = CapsaConfig::default();
+        let none = ContainerLimits::default();
+        assert_eq!(
+            cfg.vm_size(&ann(&[]), none).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        assert_eq!(
+            cfg.vm_size(
+                &ann(&[(ANNOTATION_VCPUS, "4"), (ANNOTATION_MEMORY, "1Gi")]),
+                none
+            )
+            .unwrap(),
+            VmSize {
+                vcpus: 4,
+                memory_mib: 1024
+            }
+        );
+        assert_eq!(
+            cfg.vm_size(&ann(&[(ANNOTATION_MEMORY, "768")]), none)
+                .unwrap()
+                .memory_mib,
+            768
+        );
+        for (k, v) in [
+            (ANNOTATION_VCPUS, "0"),
+            (ANNOTATION_VCPUS, "99"),
+            (ANNOTATION_VCPUS, "two"),
+            (ANNOTATION_MEMORY, "1Ti"),
+            (ANNOTATION_MEMORY, "8"),
+            (ANNOTATION_MEMORY, "99999999999999999999Gi"),
+        ] {
+            let e = cfg.vm_size(&ann(&[(k, v)]), none).unwrap_err();
+            assert!(e.to_string().contains(k), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn container_limits_make_room_in_the_vm() {
+        let cfg = CapsaConfig::default();
+        let spec = serde_json::json!({"linux": {"resources": {
+            "memory": {"limit": 512u64 << 20},
+            "cpu": {"quota": 150000, "period": 100000}
+        }}});
+        let limits = ContainerLimits::from_spec(&spec);
+        assert_eq!(limits.cpus(), Some(2));
+        let size = cfg.vm_size(&ann(&[]), limits).unwrap();
+        assert_eq!(size.memory_mib, GUEST_BASE_MEMORY_MIB + 512);
+        assert_eq!(size.vcpus, 3);
+        // an explicit annotation wins over the computed size
+        let size = cfg
+            .vm_size(&ann(&[(ANNOTATION_MEMORY, "300")]), limits)
+            .unwrap();
+        assert_eq!(size.memory_mib, 300);
+        // no limit set: -1 or absent
+        let spec = serde_json::json!({"linux": {"resources": {"memory": {"limit": -1}}}});
+        assert_eq!(
+            ContainerLimits::from_spec(&spec),
+            ContainerLimits::default()
+        );
+    }
+}

@@ -1,0 +1,615 @@
+//! The real [`Sandbox`]: a capsa microVM ([`crate::vm::Vm`]) and its agent.
+//!
+//! Root file system: capsa's VMM has no virtio-fs device yet, so the container's rootfs (the
+//! snapshot containerd mounted at `bundle/rootfs`, or a directory for `capsa run`) is copied into a
+//! sparse ext4 image (`mkfs.ext4 -d`) that the VM gets as its first virtio-blk disk (`/dev/vda`). The
+//! copy costs time at create and the container's writes stay in the image (they do not reach the
+//! snapshot). Disks are attached at boot only, so only the container that boots the VM gets a rootfs
+//! this way; a second container of a pod is refused with a clear error until virtio-fs or disk
+//! hot-plug exists.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use capsa_proto::agent;
+use capsa_proto::protobuf::EnumOrUnknown;
+use capsa_proto::ttrpc;
+use capsa_proto::AgentServiceClient;
+
+use super::config::{CapsaConfig, ContainerLimits};
+use super::sandbox::{
+    ContainerRequest, ContainerStats, ExitInfo, Sandbox, SandboxError, SandboxFactory,
+};
+use crate::vm::{Disk, Vm, VmConfig};
+
+/// Where a container's rootfs storage is mounted in the guest.
+pub fn guest_rootfs(cid: &str) -> String {
+    format!("/run/capsa/containers/{cid}/rootfs")
+}
+
+/// File name of the rootfs image inside the bundle (containerd removes the bundle on delete).
+pub const ROOTFS_IMAGE: &str = "capsa-rootfs.ext4";
+
+/// Deadline of the short agent calls; stream reads and waits have none.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            let msg = format!("{what}: {}", s.message());
+            match s.code() {
+                ttrpc::Code::NOT_FOUND => SandboxError::NotFound(msg),
+                ttrpc::Code::ALREADY_EXISTS => SandboxError::AlreadyExists(msg),
+                ttrpc::Code::FAILED_PRECONDITION => SandboxError::FailedPrecondition(msg),
+                ttrpc::Code::INVALID_ARGUMENT => SandboxError::InvalidArgument(msg),
+                ttrpc::Code::UNIMPLEMENTED => SandboxError::Unimplemented(msg),
+                ttrpc::Code::DEADLINE_EXCEEDED => SandboxError::Internal(msg),
+                _ => SandboxError::Internal(msg),
+            }
+        }
+        // The connection broke: the VM is gone.
+        other => SandboxError::VmGone(format!("{what}: {other}")),
+    }
+}
+
+fn short() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(CALL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn unbounded() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
+/// Rewrites containerd's spec for the guest: the root is the rootfs storage, host bind mounts
+/// (CRI's /etc/hosts, resolv.conf, ...; they do not exist in the guest) are dropped.
+pub fn guest_spec(spec_json: &[u8], cid: &str) -> Result<Vec<u8>, SandboxError> {
+    let mut spec: serde_json::Value = serde_json::from_slice(spec_json)
+        .map_err(|e| SandboxError::InvalidArgument(format!("config.json: {e}")))?;
+    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
+    spec["root"] = serde_json::json!({"path": guest_rootfs(cid), "readonly": readonly});
+    if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        mounts.retain(|m| {
+            let bind = m["type"].as_str() == Some("bind")
+                || m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            if bind {
+                tracing::warn!(container = cid, destination = ?m["destination"], "dropping a host bind mount (no shared file system yet)");
+            }
+            !bind
+        });
+    }
+    serde_json::to_vec(&spec).map_err(|e| SandboxError::Internal(e.to_string()))
+}
+
+/// Bytes the files under `dir` take (symlinks and special files count as one block).
+fn tree_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let md = entry.metadata()?;
+            total += md.len().max(4096).div_ceil(4096) * 4096;
+            if md.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Builds a sparse ext4 image holding the tree at `dir`: size = content × 1.5 + 64 MiB.
+pub async fn build_rootfs_image(dir: &Path, image: &Path) -> Result<(), SandboxError> {
+    let d = dir.to_owned();
+    let content = tokio::task::spawn_blocking(move || tree_size(&d))
+        .await
+        .map_err(|e| SandboxError::Internal(e.to_string()))?
+        .map_err(|e| SandboxError::Internal(format!("walk rootfs {}: {e}", dir.display())))?;
+    let size = (content + content / 2 + (64 << 20)).div_ceil(1 << 20) << 20;
+    let f = std::fs::File::create(image)
+        .map_err(|e| SandboxError::Internal(format!("create {}: {e}", image.display())))?;
+    f.set_len(size)
+        .map_err(|e| SandboxError::Internal(format!("size {}: {e}", image.display())))?;
+    drop(f);
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(dir)
+        .arg(image)
+        .output()
+        .await
+        .map_err(|e| SandboxError::Internal(format!("run mkfs.ext4 (e2fsprogs): {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(image);
+        return Err(SandboxError::Internal(format!(
+            "mkfs.ext4 -d {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Boots capsa microVMs per [`CapsaConfig`].
+pub struct VmFactory {
+    pub config: CapsaConfig,
+}
+
+#[async_trait]
+impl SandboxFactory for VmFactory {
+    async fn boot(
+        &self,
+        sandbox_id: &str,
+        first: &ContainerRequest,
+    ) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        let spec: serde_json::Value = serde_json::from_slice(&first.spec_json)
+            .map_err(|e| SandboxError::InvalidArgument(format!("config.json: {e}")))?;
+        let annotations = super::bootstrap::annotations_of(&spec);
+        let size = self
+            .config
+            .vm_size(&annotations, ContainerLimits::from_spec(&spec))
+            .map_err(|e| SandboxError::InvalidArgument(e.to_string()))?;
+        let image = first.bundle.join(ROOTFS_IMAGE);
+        build_rootfs_image(&first.rootfs, &image).await?;
+
+        let h = &self.config.hypervisor;
+        let mut vm_config = VmConfig::new(h.path.clone(), h.kernel.clone(), h.initrd.clone());
+        vm_config.vcpus = size.vcpus;
+        vm_config.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
+        vm_config.run_root = self.config.runtime.state_dir.clone();
+        vm_config.disks = vec![Disk {
+            path: image.clone(),
+            readonly: false,
+        }];
+        if !h.kernel_params.is_empty() {
+            vm_config.extra_cmdline = h
+                .kernel_params
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+        }
+        tracing::info!(
+            sandbox = sandbox_id,
+            vcpus = size.vcpus,
+            memory_mib = size.memory_mib,
+            "booting sandbox VM"
+        );
+        let vm = Vm::start(&vm_config, sandbox_id).await.map_err(|e| {
+            let _ = std::fs::remove_file(&image);
+            SandboxError::Internal(format!("boot sandbox VM: {e}"))
+        })?;
+        let client = vm.agent().raw().clone();
+        let req = agent::CreateSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
+            ..Default::default()
+        };
+        match client.create_sandbox(short(), &req).await {
+            Ok(_) => {}
+            // An agent without pod support still runs standalone containers.
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {}
+            Err(e) => {
+                let _ = vm.stop().await;
+                return Err(map_err("CreateSandbox", e));
+            }
+        }
+        Ok(Arc::new(VmSandbox {
+            pid: vm.pid(),
+            client,
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            first_container: first.container_id.clone(),
+            images: std::sync::Mutex::new(vec![image]),
+        }))
+    }
+}
+
+/// A running sandbox VM.
+pub struct VmSandbox {
+    client: AgentServiceClient,
+    vm: tokio::sync::Mutex<Option<Vm>>,
+    pid: u32,
+    first_container: String,
+    images: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+#[async_trait]
+impl Sandbox for VmSandbox {
+    async fn create_container(&self, req: ContainerRequest) -> Result<(), SandboxError> {
+        let cid = req.container_id.clone();
+        if cid != self.first_container {
+            return Err(SandboxError::Unimplemented(format!(
+                "container {cid}: a second container in a pod needs a shared file system (virtio-fs) or disk hot-plug, which capsa's VMM does not have yet"
+            )));
+        }
+        let storage = agent::Storage {
+            driver: EnumOrUnknown::new(agent::StorageDriver::STORAGE_DRIVER_BLK),
+            source: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            mount_point: guest_rootfs(&cid),
+            ..Default::default()
+        };
+        let r = agent::CreateContainerRequest {
+            container_id: cid.clone(),
+            exec_id: cid.clone(),
+            oci_spec_json: guest_spec(&req.spec_json, &cid)?,
+            storages: vec![storage],
+            ..Default::default()
+        };
+        self.client
+            .create_container(short(), &r)
+            .await
+            .map_err(|e| map_err("CreateContainer", e))?;
+        Ok(())
+    }
+
+    async fn start_container(&self, cid: &str) -> Result<(), SandboxError> {
+        let r = agent::StartContainerRequest {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        self.client
+            .start_container(short(), &r)
+            .await
+            .map_err(|e| map_err("StartContainer", e))?;
+        Ok(())
+    }
+
+    async fn remove_container(&self, cid: &str) -> Result<(), SandboxError> {
+        let r = agent::RemoveContainerRequest {
+            container_id: cid.into(),
+            timeout_secs: 0,
+            ..Default::default()
+        };
+        self.client
+            .remove_container(short(), &r)
+            .await
+            .map_err(|e| map_err("RemoveContainer", e))?;
+        Ok(())
+    }
+
+    async fn exec_process(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        let r = agent::ExecProcessRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: process_json,
+            ..Default::default()
+        };
+        self.client
+            .exec_process(short(), &r)
+            .await
+            .map_err(|e| map_err("ExecProcess", e))?;
+        Ok(())
+    }
+
+    async fn signal_process(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), SandboxError> {
+        let r = agent::SignalProcessRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.client
+            .signal_process(short(), &r)
+            .await
+            .map_err(|e| map_err("SignalProcess", e))?;
+        Ok(())
+    }
+
+    async fn wait_process(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, SandboxError> {
+        let r = agent::WaitProcessRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let w = self
+            .client
+            .wait_process(unbounded(), &r)
+            .await
+            .map_err(|e| map_err("WaitProcess", e))?;
+        Ok(ExitInfo {
+            status: w.exit_status,
+            exited_at_unix_ns: w.exited_at_unix_ns,
+            pid: w.pid,
+        })
+    }
+
+    async fn read_stdout(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        len: u32,
+    ) -> Result<Vec<u8>, SandboxError> {
+        let r = agent::ReadStreamRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            len,
+            ..Default::default()
+        };
+        let resp = self
+            .client
+            .read_stdout(unbounded(), &r)
+            .await
+            .map_err(|e| map_err("ReadStdout", e))?;
+        Ok(resp.data)
+    }
+
+    async fn read_stderr(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        len: u32,
+    ) -> Result<Vec<u8>, SandboxError> {
+        let r = agent::ReadStreamRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            len,
+            ..Default::default()
+        };
+        let resp = self
+            .client
+            .read_stderr(unbounded(), &r)
+            .await
+            .map_err(|e| map_err("ReadStderr", e))?;
+        Ok(resp.data)
+    }
+
+    async fn write_stdin(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<usize, SandboxError> {
+        let r = agent::WriteStreamRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let resp = self
+            .client
+            .write_stdin(short(), &r)
+            .await
+            .map_err(|e| map_err("WriteStdin", e))?;
+        Ok(resp.len as usize)
+    }
+
+    async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), SandboxError> {
+        let r = agent::CloseStdinRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client
+            .close_stdin(short(), &r)
+            .await
+            .map_err(|e| map_err("CloseStdin", e))?;
+        Ok(())
+    }
+
+    async fn resize_pty(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), SandboxError> {
+        let r = agent::TtyWinResizeRequest {
+            container_id: cid.into(),
+            exec_id: exec_id.into(),
+            row: rows,
+            column: cols,
+            ..Default::default()
+        };
+        self.client
+            .tty_win_resize(short(), &r)
+            .await
+            .map_err(|e| map_err("TtyWinResize", e))?;
+        Ok(())
+    }
+
+    async fn pause(&self, cid: &str) -> Result<(), SandboxError> {
+        let r = agent::PauseContainerRequest {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        self.client
+            .pause_container(short(), &r)
+            .await
+            .map_err(|e| map_err("PauseContainer", e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, cid: &str) -> Result<(), SandboxError> {
+        let r = agent::ResumeContainerRequest {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        self.client
+            .resume_container(short(), &r)
+            .await
+            .map_err(|e| map_err("ResumeContainer", e))?;
+        Ok(())
+    }
+
+    async fn list_processes(&self, cid: &str) -> Result<Vec<u32>, SandboxError> {
+        let r = agent::ListProcessesRequest {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        let resp = self
+            .client
+            .list_processes(short(), &r)
+            .await
+            .map_err(|e| map_err("ListProcesses", e))?;
+        Ok(resp.pids)
+    }
+
+    async fn update_container(
+        &self,
+        cid: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        let r = agent::UpdateContainerRequest {
+            container_id: cid.into(),
+            linux_resources_json: resources_json,
+            ..Default::default()
+        };
+        self.client
+            .update_container(short(), &r)
+            .await
+            .map_err(|e| map_err("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    async fn stats(&self, cid: &str) -> Result<ContainerStats, SandboxError> {
+        let r = agent::StatsContainerRequest {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        let resp = self
+            .client
+            .stats_container(short(), &r)
+            .await
+            .map_err(|e| map_err("StatsContainer", e))?;
+        let cg = resp.cgroup_stats.unwrap_or_default();
+        let cpu = cg.cpu.clone().unwrap_or_default();
+        let mem = cg.memory.clone().unwrap_or_default();
+        let pids = cg.pids.clone().unwrap_or_default();
+        let mut stat: Vec<(String, u64)> = mem.stat.into_iter().collect();
+        stat.sort();
+        Ok(ContainerStats {
+            cpu_usage_usec: cpu.usage_usec,
+            cpu_user_usec: cpu.user_usec,
+            cpu_system_usec: cpu.system_usec,
+            cpu_nr_periods: cpu.nr_periods,
+            cpu_nr_throttled: cpu.nr_throttled,
+            cpu_throttled_usec: cpu.throttled_usec,
+            memory_usage_bytes: mem.usage_bytes,
+            memory_limit_bytes: mem.limit_bytes,
+            memory_max_usage_bytes: mem.max_usage_bytes,
+            memory_swap_usage_bytes: mem.swap_usage_bytes,
+            memory_oom_kill: mem.oom_kill,
+            memory_stat: stat,
+            pids_current: pids.current,
+            pids_limit: pids.limit,
+            io: cg
+                .io
+                .iter()
+                .map(|d| (d.major, d.minor, d.rbytes, d.wbytes, d.rios, d.wios))
+                .collect(),
+        })
+    }
+
+    async fn next_oom_event(&self) -> Result<String, SandboxError> {
+        let resp = self
+            .client
+            .get_oom_event(unbounded(), &agent::GetOOMEventRequest::default())
+            .await
+            .map_err(|e| map_err("GetOOMEvent", e))?;
+        Ok(resp.container_id)
+    }
+
+    fn host_pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn shutdown(&self) -> Result<(), SandboxError> {
+        let vm = self.vm.lock().await.take();
+        let result = match vm {
+            Some(vm) => vm
+                .stop()
+                .await
+                .map(|_| ())
+                .map_err(|e| SandboxError::Internal(format!("stop VM: {e}"))),
+            None => Ok(()),
+        };
+        let images = std::mem::take(&mut *self.images.lock().unwrap_or_else(|p| p.into_inner()));
+        for img in images {
+            let _ = std::fs::remove_file(img);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_is_rewritten_for_the_guest() {
+        let spec = serde_json::json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/containerd/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/etc/resolv.conf", "source": "/x", "options": ["bind"]}
+            ],
+            "process": {"args": ["echo", "hello"]}
+        });
+        let out = guest_spec(spec.to_string().as_bytes(), "c1").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["root"]["path"], "/run/capsa/containers/c1/rootfs");
+        assert_eq!(v["root"]["readonly"], true);
+        let dests: Vec<&str> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        assert_eq!(dests, ["/proc"]);
+        assert_eq!(v["process"]["args"][1], "hello");
+        assert!(matches!(
+            guest_spec(b"{", "c1"),
+            Err(SandboxError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn rootfs_image_holds_the_tree() {
+        if std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_err()
+            || std::process::Command::new("debugfs")
+                .arg("-V")
+                .output()
+                .is_err()
+        {
+            eprintln!("skipping: e2fsprogs not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/hello"), b"#!/bin/sh\necho hi\n").unwrap();
+        let img = dir.path().join("img");
+        build_rootfs_image(&root, &img).await.unwrap();
+        let md = std::fs::metadata(&img).unwrap();
+        assert!(md.len() >= 64 << 20);
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "cat /bin/hello"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "#!/bin/sh\necho hi\n");
+        // A missing tree is an error, and no image is left behind.
+        let img2 = dir.path().join("img2");
+        assert!(build_rootfs_image(&dir.path().join("missing"), &img2)
+            .await
+            .is_err());
+    }
+}
