@@ -2,7 +2,7 @@
 # Builds (or finds in the cache) the nested test host's image: Debian's kernel, a small initramfs and an ext4
 # root file system made with debootstrap. Prints the image directory on stdout (last line).
 #
-#   ${CAPSA_CACHE:-/var/cache/capsa}/testhost-<hash>/{vmlinuz,initrd.img,root.img,kernel-release,complete}
+#   ${CAPSA_CACHE:-/var/cache/capsa}/testhost-<hash>/{kernel,initrd.img,root.img,kernel-release,complete}
 #
 # The hash covers this script, packages.txt, the init scripts in image/ and the kernel package's version, so a
 # change to any of them builds a new image; a complete image is reused as is. The build runs in a temporary
@@ -17,7 +17,7 @@ mirror=${CAPSA_TESTHOST_MIRROR:-http://deb.debian.org/debian}
 log() { echo "testhost-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip zstd sha256sum; do
+for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz zstd sha256sum; do
   command -v "$tool" >/dev/null || die "'$tool' is missing (run .ci/install-deps.sh)"
 done
 [ "$(id -u)" = 0 ] || die "debootstrap needs root"
@@ -55,11 +55,23 @@ log "building $dest (kernel $kpkg $kver; this takes several minutes)"
 
 # 1. Kernel and modules.
 ( cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >&2 )
-dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/kernel"
-krel=$(ls "$tmp/kernel/lib/modules")
-[ -n "$krel" ] && [ -f "$tmp/kernel/boot/vmlinuz-$krel" ] || die "unexpected layout of $kpkg"
-cp "$tmp/kernel/boot/vmlinuz-$krel" "$tmp/vmlinuz"
-depmod -b "$tmp/kernel" "$krel"   # the deb ships no modules.dep (made at install time)
+dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/deb"
+krel=$(ls "$tmp/deb/lib/modules")
+[ -n "$krel" ] && [ -f "$tmp/deb/boot/vmlinuz-$krel" ] || die "unexpected layout of $kpkg"
+# QEMU boots an uncompressed vmlinux through its PVH entry (Debian has CONFIG_PVH=y), which skips the slow
+# decompression under TCG (about 5 s); the bzImage is the fallback.
+bz=$tmp/deb/boot/vmlinuz-$krel
+xz_at=$(grep -abo $'\xfd7zXZ\x00' "$bz" | head -n1 | cut -d: -f1 || true)
+# (xz stops after the stream and tail then dies of SIGPIPE: no pipefail there.)
+if [ -n "$xz_at" ] && (set +o pipefail; tail -c +$((xz_at + 1)) "$bz" | xz -dc --single-stream >"$tmp/kernel.elf") \
+   && [ "$(head -c 4 "$tmp/kernel.elf" | od -An -c | tr -d ' ')" = '177ELF' ]; then
+  mv "$tmp/kernel.elf" "$tmp/kernel"
+else
+  log "cannot extract vmlinux from the bzImage; booting the bzImage"
+  rm -f "$tmp/kernel.elf"
+  cp "$bz" "$tmp/kernel"
+fi
+depmod -b "$tmp/deb" "$krel"   # the deb ships no modules.dep (made at install time)
 
 # 2. Root file system. The debootstrap result is cached on its own (a tarball keyed by the package list,
 #    suite and mirror), so a change to the init scripts only rebuilds the cheap steps below.
@@ -82,7 +94,7 @@ else
   zstd -q -d -c "$dbs_tar" | tar -C "$root" --numeric-owner -xf -
 fi
 mkdir -p "$root/lib/modules"
-cp -a "$tmp/kernel/lib/modules/$krel" "$root/lib/modules/"
+cp -a "$tmp/deb/lib/modules/$krel" "$root/lib/modules/"
 depmod -b "$root" "$krel"
 install -m 0755 "$here/image/testhost-init.sh" "$root/sbin/capsa-testhost-init"
 # busybox applets the suites may want that Debian's userland lacks, as hard links (busybox-static).
@@ -103,7 +115,7 @@ cp "$root/bin/busybox" "$ird/bin/busybox"
 for applet in sh mount umount mkdir insmod switch_root cat echo sleep poweroff; do
   ln -sf busybox "$ird/bin/$applet"
 done
-kroot=$tmp/kernel/lib/modules/$krel
+kroot=$tmp/deb/lib/modules/$krel
 # Resolve each wanted module's dependencies from modules.dep, in load order; skip built-in ones.
 resolve() {
   local name=$1 path line dep
@@ -126,7 +138,7 @@ install -m 0755 "$here/image/initramfs-init.sh" "$ird/init"
 
 echo "$krel" >"$tmp/kernel-release"
 echo "$kpkg $kver" >"$tmp/kernel-package"
-rm -rf "$tmp/kernel" "$tmp/rootfs" "$tmp/initramfs" "$tmp"/*.deb
+rm -rf "$tmp/deb" "$tmp/rootfs" "$tmp/initramfs" "$tmp"/*.deb
 date +%s >"$tmp/complete"
 mv -T "$tmp" "$dest" 2>/dev/null || { [ -f "$dest/complete" ] || die "cannot move $tmp to $dest"; }
 trap - EXIT

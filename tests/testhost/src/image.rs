@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 /// Files every complete image directory holds.
-pub const IMAGE_FILES: [&str; 3] = ["vmlinuz", "initrd.img", "root.img"];
+pub const IMAGE_FILES: [&str; 3] = ["kernel", "initrd.img", "root.img"];
 
 /// Where build-image.sh lives: `CAPSA_TESTHOST_DIR`, the crate's source directory, or
 /// `tests/testhost` under the workspace root.

@@ -481,7 +481,7 @@ fn qemu_command(plan: &Plan, tmp: &Path) -> Command {
             "-no-reboot",
         ])
         .arg("-kernel")
-        .arg(plan.image.join("vmlinuz"))
+        .arg(plan.image.join("kernel"))
         .arg("-initrd")
         .arg(plan.image.join("initrd.img"))
         .args(["-append", CMDLINE])
