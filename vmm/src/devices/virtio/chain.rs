@@ -55,7 +55,6 @@ impl Segments {
     }
 
     /// Guest address of the byte at `pos`, if inside.
-    #[allow(dead_code)] // used by block
     pub fn addr_of(&self, pos: u64) -> Option<GuestAddress> {
         let mut base = 0u64;
         for (addr, len) in &self.segs {
@@ -72,7 +71,6 @@ impl Segments {
 /// A validated descriptor chain.
 #[derive(Debug, Clone)]
 pub struct Chain {
-    #[allow(dead_code)] // used by block
     pub head: u16,
     pub readable: Segments,
     pub writable: Segments,
@@ -163,19 +161,6 @@ impl Cursor<'_> {
             return Some((a, n));
         }
         None
-    }
-
-    /// Skip up to `n` bytes; returns how many were skipped.
-    #[allow(dead_code)] // used by block
-    pub fn skip(&mut self, n: usize) -> usize {
-        let mut done = 0;
-        while done < n {
-            match self.next_piece(n - done) {
-                Some((_, k)) => done += k,
-                None => break,
-            }
-        }
-        done
     }
 
     /// Copy guest bytes into `buf`; returns the count (short at the end of the segments).

@@ -1,9 +1,17 @@
 //! A device worker thread that can be stopped (driver reset, VMM exit) and hands its state back.
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use virtio_queue::DescriptorChain;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::chain::DeviceQueue;
+use super::VirtioInterrupt;
+use crate::devices::GuestMemoryMmap;
 
 /// A running worker; `T` is what the thread returns when stopped.
 pub struct Worker<T> {
@@ -53,6 +61,65 @@ impl<T> Drop for Worker<T> {
         if let Some(handle) = self.handle.take() {
             let _ = self.kill.write(1);
             let _ = handle.join();
+        }
+    }
+}
+
+/// The loop of a single-queue device: wait for a kick (or `kill`), hand every available chain to
+/// `handle` (which returns the used length), return the chains and interrupt the driver.
+pub fn serve_queue<F>(
+    kill: EventFd,
+    mut queue: DeviceQueue,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    name: &str,
+    mut handle: F,
+) where
+    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    const KILL: u64 = 0;
+    const QUEUE: u64 = 1;
+    let epoll = match Epoll::new().and_then(|ep| {
+        ep.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL),
+        )?;
+        ep.ctl(
+            ControlOperation::Add,
+            queue.event.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, QUEUE),
+        )?;
+        Ok(ep)
+    }) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::error!(error = %e, device = name, "virtio: cannot set up worker epoll");
+            return;
+        }
+    };
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        // Chains may have been made available before the first kick.
+        while let Some(chain) = queue.pop(&mem) {
+            let head = chain.head_index();
+            let len = handle(&mem, chain);
+            queue.add_used(&mem, head, len);
+        }
+        queue.notify(&mem, &interrupt);
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, device = name, "virtio: epoll wait failed; worker stops");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                KILL => return,
+                _ => queue.drain_event(),
+            }
         }
     }
 }
