@@ -1,4 +1,51 @@
-fn main() {
-    eprintln!("capsa-vmm: not built yet");
-    std::process::exit(1);
+//! `capsa-vmm`: runs one microVM. See `capsa-vmm --help` and docs/interfaces.md.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use capsa_vmm::{Cli, Vmm, VmmOptions};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    // clap prints usage errors and exits 2, and exits 0 for --help/--version.
+    let cli = Cli::parse();
+    match run(cli, process_start) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<capsa_vmm::Error>()
+                .map_or(1, |e| e.exit_code());
+            eprintln!("capsa-vmm: {e:#}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
+    let config = cli.into_config().map_err(capsa_vmm::Error::from)?;
+    let vmm = Vmm::with_options(
+        config,
+        VmmOptions {
+            serial_input: true,
+            process_start: Some(process_start),
+            ..Default::default()
+        },
+    )?;
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, vmm.stop_flag())
+            .context("cannot install signal handlers")?;
+    }
+    let reason = vmm.run()?;
+    tracing::info!("exiting: {reason:?}");
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! Every device is reached through a [`BusDevice`] registered on the PIO or MMIO bus at a fixed base
 //! address; the vCPU threads dispatch their exits to it. Legacy devices live in `legacy/`, virtio in `virtio/`.
 
+pub mod legacy;
 pub mod virtio;
 
 /// Guest memory as every device sees it.
