@@ -10,9 +10,12 @@
 //! - [`sandbox`]: sandbox lifecycle (DestroySandbox's power-off).
 //! - [`server`]: the ttrpc service and its listener.
 //!
-//! Containers, storages, stdio and network arrive as `container`, `storage`, `stdio`, `network`.
+//! - [`container`]: OCI containers (libcontainer), storages, stdio streaming, cgroups, OOM events.
+//!
+//! Network arrives as `network`.
 
 pub mod boot_timer;
+pub mod container;
 pub mod guest_details;
 pub mod init;
 pub mod logging;

@@ -64,6 +64,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<ParsedArgs, Stri
 }
 
 fn main() {
+    // The container helper and the pod's namespace holder are re-execs of this binary.
+    if let Some(code) = capsa_agent::container::maybe_run_subcommand() {
+        std::process::exit(code);
+    }
     // Very first thing: tell the VMM the agent has started (only inside the guest).
     let is_init = std::process::id() == 1;
     if is_init {

@@ -10,6 +10,7 @@ use capsa_proto::protobuf::well_known_types::empty::Empty;
 use capsa_proto::AGENT_VSOCK_PORT;
 use ttrpc::r#async::{Server, TtrpcContext};
 
+use crate::container::Containers;
 use crate::guest_details::{self, AgentFacts};
 use crate::reaper::Reaper;
 use crate::sandbox::{self, PowerOff};
@@ -40,12 +41,16 @@ pub struct Agent {
 #[derive(Clone)]
 pub struct AgentServiceImpl {
     agent: Arc<Agent>,
+    containers: Arc<Containers>,
 }
 
 impl AgentServiceImpl {
+    /// Must be called inside the tokio runtime (the container manager starts its OOM poller).
     pub fn new(agent: Agent) -> Self {
+        let containers = Containers::new(agent.reaper.clone(), Default::default());
         Self {
             agent: Arc::new(agent),
+            containers,
         }
     }
 }
@@ -113,35 +118,130 @@ implemented {
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         tracing::info!("DestroySandbox: replying, then powering off");
+        self.containers.kill_all();
         sandbox::schedule_power_off(self.agent.power_off.clone());
+        Ok(Empty::new())
+    }
+
+    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: agent::CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        self.containers.create_sandbox(&req.hostname, &req.storages).await?;
+        Ok(Empty::new())
+    }
+
+    async fn add_storages(&self, _ctx: &TtrpcContext, req: agent::AddStoragesRequest) -> ttrpc::Result<Empty> {
+        self.containers.add_storages(&req.storages).await?;
+        Ok(Empty::new())
+    }
+
+    async fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: agent::SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
+        crate::container::guest::set_time(req.sec, req.usec)?;
+        Ok(Empty::new())
+    }
+
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: agent::CopyFileRequest) -> ttrpc::Result<Empty> {
+        crate::container::guest::copy_file(&req)?;
+        Ok(Empty::new())
+    }
+
+    async fn get_metrics(&self, _ctx: &TtrpcContext, _req: agent::GetMetricsRequest) -> ttrpc::Result<agent::Metrics> {
+        let mut m = agent::Metrics::new();
+        m.metrics = crate::container::guest::metrics();
+        Ok(m)
+    }
+
+    async fn create_container(&self, _ctx: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<Empty> {
+        let id = req.container_id.clone();
+        self.containers.create_container(req).await.map_err(|e| {
+            tracing::warn!(container = %id, "CreateContainer: {e}");
+            e
+        })?;
+        Ok(Empty::new())
+    }
+
+    async fn start_container(&self, _ctx: &TtrpcContext, req: agent::StartContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.start_container(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(&self, _ctx: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.remove_container(&req.container_id, req.timeout_secs).await?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(&self, _ctx: &TtrpcContext, req: agent::UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.update(&req.container_id, &req.linux_resources_json).await?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(&self, _ctx: &TtrpcContext, req: agent::StatsContainerRequest) -> ttrpc::Result<agent::StatsContainerResponse> {
+        Ok(self.containers.stats(&req.container_id).await?)
+    }
+
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: agent::PauseContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, true).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: agent::ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, false).await?;
+        Ok(Empty::new())
+    }
+
+    async fn list_processes(&self, _ctx: &TtrpcContext, req: agent::ListProcessesRequest) -> ttrpc::Result<agent::ListProcessesResponse> {
+        Ok(self.containers.list_processes(&req.container_id, &req.format).await?)
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: agent::GetOOMEventRequest) -> ttrpc::Result<agent::OOMEvent> {
+        let mut e = agent::OOMEvent::new();
+        e.container_id = self.containers.oom_event().await?;
+        Ok(e)
+    }
+
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: agent::ExecProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.exec_process(req).await?;
+        Ok(Empty::new())
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: agent::SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.signal_process(&req.container_id, &req.exec_id, req.signal, req.all).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: agent::WaitProcessRequest) -> ttrpc::Result<agent::WaitProcessResponse> {
+        Ok(self.containers.wait_process(&req.container_id, &req.exec_id).await?)
+    }
+
+    async fn read_stdout(&self, _ctx: &TtrpcContext, req: agent::ReadStreamRequest) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let mut r = agent::ReadStreamResponse::new();
+        r.data = self.containers.read_stream(&req.container_id, &req.exec_id, false, req.len).await?;
+        Ok(r)
+    }
+
+    async fn read_stderr(&self, _ctx: &TtrpcContext, req: agent::ReadStreamRequest) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let mut r = agent::ReadStreamResponse::new();
+        r.data = self.containers.read_stream(&req.container_id, &req.exec_id, true, req.len).await?;
+        Ok(r)
+    }
+
+    async fn write_stdin(&self, _ctx: &TtrpcContext, req: agent::WriteStreamRequest) -> ttrpc::Result<agent::WriteStreamResponse> {
+        let mut r = agent::WriteStreamResponse::new();
+        r.len = self.containers.write_stdin(&req.container_id, &req.exec_id, &req.data).await?;
+        Ok(r)
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: agent::CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.containers.close_stdin(&req.container_id, &req.exec_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: agent::TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        self.containers.tty_resize(&req.container_id, &req.exec_id, req.row, req.column).await?;
         Ok(Empty::new())
     }
 
 }
     unimplemented {
-        set_guest_date_time(agent::SetGuestDateTimeRequest) -> Empty, "SetGuestDateTime";
         online_cpu_mem(agent::OnlineCPUMemRequest) -> Empty, "OnlineCPUMem";
-        get_metrics(agent::GetMetricsRequest) -> agent::Metrics, "GetMetrics";
-        create_sandbox(agent::CreateSandboxRequest) -> Empty, "CreateSandbox";
-        add_storages(agent::AddStoragesRequest) -> Empty, "AddStorages";
-        copy_file(agent::CopyFileRequest) -> Empty, "CopyFile";
-        create_container(agent::CreateContainerRequest) -> Empty, "CreateContainer";
-        start_container(agent::StartContainerRequest) -> Empty, "StartContainer";
-        remove_container(agent::RemoveContainerRequest) -> Empty, "RemoveContainer";
-        update_container(agent::UpdateContainerRequest) -> Empty, "UpdateContainer";
-        stats_container(agent::StatsContainerRequest) -> agent::StatsContainerResponse, "StatsContainer";
-        pause_container(agent::PauseContainerRequest) -> Empty, "PauseContainer";
-        resume_container(agent::ResumeContainerRequest) -> Empty, "ResumeContainer";
-        list_processes(agent::ListProcessesRequest) -> agent::ListProcessesResponse, "ListProcesses";
-        get_oom_event(agent::GetOOMEventRequest) -> agent::OOMEvent, "GetOOMEvent";
-        exec_process(agent::ExecProcessRequest) -> Empty, "ExecProcess";
-        signal_process(agent::SignalProcessRequest) -> Empty, "SignalProcess";
-        wait_process(agent::WaitProcessRequest) -> agent::WaitProcessResponse, "WaitProcess";
-        read_stdout(agent::ReadStreamRequest) -> agent::ReadStreamResponse, "ReadStdout";
-        read_stderr(agent::ReadStreamRequest) -> agent::ReadStreamResponse, "ReadStderr";
-        write_stdin(agent::WriteStreamRequest) -> agent::WriteStreamResponse, "WriteStdin";
-        close_stdin(agent::CloseStdinRequest) -> Empty, "CloseStdin";
-        tty_win_resize(agent::TtyWinResizeRequest) -> Empty, "TtyWinResize";
         update_interface(agent::UpdateInterfaceRequest) -> agent::Interface, "UpdateInterface";
         update_routes(agent::UpdateRoutesRequest) -> agent::Routes, "UpdateRoutes";
         list_interfaces(agent::ListInterfacesRequest) -> agent::Interfaces, "ListInterfaces";
@@ -258,15 +358,33 @@ mod tests {
         let ctx = || ttrpc::context::with_timeout(TIMEOUT_NS);
 
         let err = client
-            .create_container(ctx(), &agent::CreateContainerRequest::new())
+            .online_cpu_mem(ctx(), &agent::OnlineCPUMemRequest::new())
             .await
-            .expect_err("CreateContainer is not implemented");
+            .expect_err("OnlineCPUMem is not implemented");
         match err {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), ttrpc::Code::UNIMPLEMENTED);
-                assert!(s.message().contains("CreateContainer"), "{}", s.message());
+                assert!(s.message().contains("OnlineCPUMem"), "{}", s.message());
             }
             other => panic!("unexpected error {other:?}"),
+        }
+        // Bad input to an implemented call: an error naming the problem, the server keeps going.
+        match client
+            .create_container(ctx(), &agent::CreateContainerRequest::new())
+            .await
+        {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT);
+                assert!(s.message().contains("container id"), "{}", s.message());
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        match client
+            .wait_process(ctx(), &agent::WaitProcessRequest::new())
+            .await
+        {
+            Err(ttrpc::Error::RpcStatus(s)) => assert_eq!(s.code(), ttrpc::Code::NOT_FOUND),
+            other => panic!("unexpected reply {other:?}"),
         }
 
         client
