@@ -33,6 +33,19 @@ enum Command {
         #[arg(long)]
         initrd: Option<PathBuf>,
     },
+    /// Register capsa with containerd (runtime `capsa`, io.containerd.capsa.v2) and print the
+    /// Kubernetes RuntimeClass.
+    Install {
+        /// containerd's configuration file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+        /// capsa's configuration file (written with defaults when missing).
+        #[arg(long, default_value = capsa_runtime::shim::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Where to link containerd-shim-capsa-v2 so containerd finds it in $PATH.
+        #[arg(long, default_value = "/usr/local/bin")]
+        bin_dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -45,6 +58,31 @@ fn main() -> anyhow::Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Install {
+            containerd_config,
+            config,
+            bin_dir,
+        } => {
+            let exe = std::env::current_exe().context("locating the capsa binary")?;
+            let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+            let artifacts = Artifacts::locate(None, None, None);
+            let report = capsa_runtime::shim::install::install(
+                &capsa_runtime::shim::install::InstallPaths {
+                    containerd_config,
+                    capsa_config: config,
+                    shim: dir.join(capsa_runtime::shim::install::SHIM_BINARY),
+                    shim_link_dir: bin_dir,
+                    vmm: artifacts.vmm,
+                    kernel: artifacts.kernel,
+                    initrd: artifacts.initrd,
+                },
+            )?;
+            for line in report.lines {
+                eprintln!("{line}");
+            }
+            print!("{}", capsa_runtime::shim::install::runtime_class_manifest());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check {
             json,
             vmm,

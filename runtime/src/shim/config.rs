@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [hypervisor]
-//! path = "/usr/local/bin/capsa-vmm"      # the VMM binary
+//! path = "/usr/libexec/capsa/capsa-vmm"  # the VMM binary
 //! kernel = "/usr/share/capsa/vmlinux"     # guest kernel (PVH vmlinux or bzImage)
 //! initrd = "/usr/share/capsa/initrd.img"  # initrd carrying capsa-agent as /init
 //! default_vcpus = 1
@@ -74,7 +74,7 @@ pub struct HypervisorConfig {
 impl Default for HypervisorConfig {
     fn default() -> Self {
         Self {
-            path: PathBuf::from("/usr/local/bin/capsa-vmm"),
+            path: PathBuf::from(crate::artifacts::INSTALLED_VMM),
             kernel: PathBuf::from("/usr/share/capsa/vmlinux"),
             initrd: Some(PathBuf::from("/usr/share/capsa/initrd.img")),
             default_vcpus: 1,

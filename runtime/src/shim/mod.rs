@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod cleanup;
 pub mod config;
 pub mod events;
+pub mod install;
 pub mod sandbox;
 pub mod stdio;
 pub mod task;
