@@ -22,7 +22,7 @@ fi
 [ -r "$list" ] || { echo "run-suites: cannot read test list $list" >&2; exit 2; }
 
 export CAPSA_E2E=1
-export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 # Show the inputs the suites will use (they default under the workspace root; see docs/interfaces.md).
 echo "run-suites: CAPSA_VMM=${CAPSA_VMM:-<default>} CAPSA_KERNEL=${CAPSA_KERNEL:-<default>} CAPSA_INITRD=${CAPSA_INITRD:-<default>}"
 [ -e /dev/kvm ] || echo "run-suites: warning: no /dev/kvm here; the real-guest suites will fail" >&2
