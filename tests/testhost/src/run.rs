@@ -120,13 +120,6 @@ enum Outcome {
 pub fn run(args: RunArgs) -> Result<i32> {
     install_signal_handlers()?;
     remove_stale_temp_dirs();
-    let image = match &args.image {
-        Some(dir) => {
-            image::check_image(dir)?;
-            dir.clone()
-        }
-        None => image::ensure_image()?,
-    };
     let shares = shares(&args.share)?;
     let cwd = std::env::current_dir()?.canonicalize()?;
     if !shares.iter().any(|s| cwd.starts_with(s)) {
@@ -150,6 +143,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 .with_context(|| format!("argument {a:?} is not UTF-8"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let image = match &args.image {
+        Some(dir) => {
+            image::check_image(dir)?;
+            dir.clone()
+        }
+        None => image::ensure_image()?,
+    };
     let plan = Plan {
         image,
         shares,
