@@ -126,9 +126,8 @@ impl Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.stop_worker();
-        if self.listener.take().is_some() || self.worker.is_none() {
-            let _ = std::fs::remove_file(&self.uds_path);
-        }
+        self.listener = None;
+        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 

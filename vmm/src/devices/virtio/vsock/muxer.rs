@@ -5,8 +5,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -321,7 +323,7 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, port = hdr.dst_port, "vsock: guest connect to host refused");
@@ -329,10 +331,6 @@ impl Muxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() {
-            self.queue_rst(hdr);
-            return;
-        }
         let mut conn = Connection::guest_initiated(stream, hdr);
         conn.host_readable = true;
         match self.add_connection(conn) {
@@ -408,4 +406,50 @@ impl Muxer {
         };
         (any, timeout)
     }
+}
+
+/// Connect to a Unix stream socket without ever blocking: a listener whose backlog is full refuses
+/// (EAGAIN) instead of stalling the worker thread.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::from(ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own; the stream closes it on every path from here.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` does not exceed its size.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+pub fn tests_connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    connect_nonblocking(path)
 }

@@ -756,3 +756,67 @@ fn activate_with_wrong_queue_count_fails() {
         })
     ));
 }
+
+#[test]
+fn guest_half_close_keeps_host_to_guest_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let host_listener = UnixListener::bind(format!("{}_5001", path.display())).unwrap();
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(8);
+    g.send(gpkt(OP_REQUEST, 9000, 5001, 65536, 0), &[]);
+    let (mut s, _) = host_listener.accept().unwrap();
+    assert_eq!(g.recv().0.op, OP_RESPONSE);
+    g.send(gpkt(OP_RW, 9000, 5001, 65536, 0), b"request");
+    g.send(
+        gpkt(OP_SHUTDOWN, 9000, 5001, 65536, 0).with_flags(SHUTDOWN_SEND),
+        &[],
+    );
+    // The host reads the data, then EOF.
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"request");
+    // And can still answer.
+    s.write_all(b"response").unwrap();
+    let (h, d) = g.recv();
+    assert_eq!((h.op, d.as_slice()), (OP_RW, &b"response"[..]));
+    // Host closes: its SHUTDOWN completes the stream and the connection is reset.
+    drop(s);
+    let (h, _) = g.recv();
+    assert_eq!(h.op, OP_SHUTDOWN);
+    assert_eq!(g.recv().0.op, OP_RST);
+}
+
+#[test]
+fn guest_connect_to_full_backlog_does_not_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    // A listener that never accepts; fill its backlog.
+    let lpath = format!("{}_5002", path.display());
+    let l = UnixListener::bind(&lpath).unwrap();
+    // Shrink its backlog so a few connections fill it.
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1) },
+        0
+    );
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let Ok(s) = muxer::tests_connect_nonblocking(std::path::Path::new(&lpath)) else {
+            break;
+        };
+        fillers.push(s);
+    }
+    assert!(fillers.len() < 64, "backlog never filled");
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(4);
+    g.send(gpkt(OP_REQUEST, 9100, 5002, 65536, 0), &[]);
+    assert_eq!(g.recv().0.op, OP_RST);
+}
