@@ -28,6 +28,8 @@ pub enum AgentAddress {
     Hybrid { uds: PathBuf, port: u32 },
     /// AF_VSOCK context id and port (vhost-vsock VMMs).
     Vsock { cid: u32, port: u32 },
+    /// A plain Unix socket the agent listens on itself (`capsa-agent --listen unix://PATH`, tests).
+    Unix(PathBuf),
 }
 
 impl AgentAddress {
@@ -53,6 +55,7 @@ impl std::fmt::Display for AgentAddress {
         match self {
             AgentAddress::Hybrid { uds, port } => write!(f, "{}:{port}", uds.display()),
             AgentAddress::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            AgentAddress::Unix(path) => write!(f, "unix://{}", path.display()),
         }
     }
 }
@@ -160,7 +163,7 @@ impl AgentClient {
                 let stream = hybrid_vsock::connect(uds, *port, timeout).await?;
                 Ok(Self::from_socket(Socket::from(stream)))
             }
-            AgentAddress::Vsock { .. } => {
+            AgentAddress::Vsock { .. } | AgentAddress::Unix(_) => {
                 let url = addr.to_string();
                 let client = tokio::time::timeout(timeout, Client::connect(&url))
                     .await
