@@ -1,0 +1,277 @@
+//! containerd 1.6 (Debian's package) runs containers in capsa microVMs through
+//! `containerd-shim-capsa-v2`: `ctr run` prints the container's output and passes its exit code on,
+//! `ctr task exec` works, and kill + delete leave no VMM, shim or sandbox directory behind.
+//! Gated on CAPSA_E2E=1 (the nested test host, or a host with hardware virtualisation) and on
+//! `containerd`/`ctr` being installed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use capsa_e2e::{e2e_enabled, workspace_root, Inputs};
+
+const IMAGE: &str = "docker.io/library/busybox:capsa";
+const RUNTIME: &str = "io.containerd.capsa.v2";
+
+struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Containerd {
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("capsa-run")
+    }
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The directory holding containerd-shim-capsa-v2 (built next to the test binaries' profile).
+fn shim_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/containerd-xxxx → target/<profile>
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for d in [profile, workspace_root().join("target/release")] {
+        if d.join("containerd-shim-capsa-v2").exists() {
+            return d;
+        }
+    }
+    panic!("containerd-shim-capsa-v2 not built (cargo build --release -p capsa-runtime)");
+}
+
+fn start_containerd(inputs: &Inputs) -> Containerd {
+    // Short paths: Unix socket paths are limited to 107 bytes.
+    let dir = tempfile::Builder::new()
+        .prefix("ctd")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let root = dir.path();
+    let sock = root.join("c.sock");
+    let capsa_cfg = root.join("capsa.toml");
+    std::fs::write(
+        &capsa_cfg,
+        format!(
+            "[hypervisor]\npath = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\ndefault_memory_mib = 256\n[runtime]\nlog_level = \"debug\"\nstate_dir = \"{}\"\n",
+            inputs.vmm.display(),
+            inputs.kernel.display(),
+            inputs.initrd.display(),
+            root.join("capsa-run").display()
+        ),
+    )
+    .expect("write capsa config");
+    let cfg = root.join("containerd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n",
+            root.display(),
+            sock.display()
+        ),
+    )
+    .expect("write containerd config");
+    let path = format!(
+        "{}:{}",
+        shim_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::File::create(root.join("containerd.log")).expect("log");
+    let child = Command::new("containerd")
+        .arg("-c")
+        .arg(&cfg)
+        .env("PATH", path)
+        .env("CAPSA_CONFIG", &capsa_cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn containerd");
+    let c = Containerd { child, dir, sock };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.ctr(&["version"]).status.success() {
+        assert!(Instant::now() < deadline, "containerd did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tar = c.dir.path().join("busybox.tar");
+    let st = Command::new("bash")
+        .arg(workspace_root().join("tests/e2e/scripts/busybox-oci.sh"))
+        .arg(&tar)
+        .arg(IMAGE)
+        .status()
+        .expect("build busybox image");
+    assert!(st.success(), "busybox image");
+    let o = c.ctr(&["image", "import", &tar.to_string_lossy()]);
+    assert!(
+        o.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn vmm_processes(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline"))
+                        .map(|c| {
+                            String::from_utf8_lossy(&c).contains("capsa-vmm")
+                                && String::from_utf8_lossy(&c).contains(needle)
+                        })
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn ctr_run_exec_kill_delete_leave_nothing_behind() {
+    if !e2e_enabled("ctr_run_exec_kill_delete_leave_nothing_behind") {
+        return;
+    }
+    if !have("containerd") || !have("ctr") {
+        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
+        return;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    let c = start_containerd(&inputs);
+    let run = |id: &str, cmd: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+        ];
+        args.extend_from_slice(cmd);
+        c.ctr(&args)
+    };
+
+    let o = run("e2e-echo", &["echo", "hello"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "hello",
+        "{}",
+        text(&o)
+    );
+
+    let o = run("e2e-exit", &["sh", "-c", "exit 3"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+
+    // A long-running container: exec into it, then kill and delete it.
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "e2e-long",
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        "e2e-long",
+        "echo",
+        "from-exec",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "from-exec",
+        "{}",
+        text(&o)
+    );
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x2",
+        "e2e-long",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", "e2e-long"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.ctr(&["task", "rm", "e2e-long"]);
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task rm: {}", text(&o));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let o = c.ctr(&["container", "rm", "e2e-long"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Nothing left: no VMM, no sandbox directory, no shim.
+    std::thread::sleep(Duration::from_secs(1));
+    let state = c.state_dir();
+    assert_eq!(
+        vmm_processes(&state.to_string_lossy()),
+        0,
+        "a capsa-vmm survived"
+    );
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+    let o = c.ctr(&["task", "ls", "-q"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+        "{}",
+        text(&o)
+    );
+}
