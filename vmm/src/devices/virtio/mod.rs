@@ -7,6 +7,19 @@
 //!   on the device's GSI.
 //! - On DRIVER_OK the transport calls [`VirtioDevice::activate`] once; the device then serves its queues on
 //!   its own worker thread(s) and raises interrupts through [`VirtioInterrupt`].
+//! - A driver reset (Status = 0) calls [`VirtioDevice::reset`], which stops the worker; a later DRIVER_OK
+//!   activates again. All devices here support it.
+//!
+//! Devices (each `Box::new(..)` into `MmioTransport::new`):
+//! - [`Vsock::new(cid, uds_path)`](Vsock::new): hybrid vsock; binds the Unix socket at once (a stale socket
+//!   file is replaced, a live one is an error) and removes it on drop. Host connections made before the guest
+//!   driver is up wait in the listen backlog.
+//! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512.
+//! - [`Rng::new()`](Rng::new): entropy from the host's `/dev/urandom`.
+//!
+//! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
+//! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
+//! logged; guest-controlled values never panic or index out of bounds.
 
 pub mod block;
 mod chain;
