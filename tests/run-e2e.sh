@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs an end-to-end command (the arguments) where capsa's microVMs can boot:
+# - directly on this machine when it has hardware virtualisation (a vmx/svm flag in /proc/cpuinfo and /dev/kvm);
+# - otherwise inside the nested test host (tests/testhost/README.md), with the workspace at the same path.
+# CAPSA_E2E_MODE=nested|direct forces either. CAPSA_E2E_TIMEOUT (seconds, default 3600) bounds a nested run;
+# CAPSA_TESTHOST_ARGS adds runner options (e.g. "--memory 6144 --share /data").
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ $# -eq 0 ]; then
+  echo "usage: $0 CMD [ARGS...]" >&2
+  exit 2
+fi
+
+mode=${CAPSA_E2E_MODE:-auto}
+if [ "$mode" = auto ]; then
+  if grep -qw -e vmx -e svm /proc/cpuinfo && [ -c /dev/kvm ]; then mode=direct; else mode=nested; fi
+fi
+
+case $mode in
+  direct)
+    echo "run-e2e: running directly on this machine: $*" >&2
+    exec "$@"
+    ;;
+  nested)
+    target=${CARGO_TARGET_DIR:-$root/target}
+    testhost=${CAPSA_TESTHOST_BIN:-$target/release/capsa-testhost}
+    if [ ! -x "$testhost" ]; then
+      (cd "$root" && cargo build --release -q -p capsa-testhost)
+    fi
+    echo "run-e2e: no hardware virtualisation here: running inside the nested test host: $*" >&2
+    # shellcheck disable=SC2086 # CAPSA_TESTHOST_ARGS is a list of options
+    exec "$testhost" run --timeout "${CAPSA_E2E_TIMEOUT:-3600}" ${CAPSA_TESTHOST_ARGS:-} -- "$@"
+    ;;
+  *)
+    echo "run-e2e: CAPSA_E2E_MODE must be nested or direct (got '$mode')" >&2
+    exit 2
+    ;;
+esac
