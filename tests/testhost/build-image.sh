@@ -45,6 +45,17 @@ fi
 
 start=$(date +%s)
 mkdir -p "$cache"
+# One build at a time (a second runner waits, then finds the image complete).
+exec 9>"$cache/.testhost.lock"
+if ! flock -n 9; then
+  log "waiting for another test-host image build"
+  flock 9
+fi
+if [ -f "$dest/complete" ]; then
+  echo "$dest"
+  exit 0
+fi
+rm -rf "$cache"/.testhost-*.tmp.*   # left by a build that was killed (we hold the lock)
 tmp=$(mktemp -d "$cache/.testhost-$hash.tmp.XXXXXX")
 chmod 755 "$tmp"   # apt-get download drops privileges to _apt where it can
 cleanup() { rm -rf "$tmp"; }
@@ -143,5 +154,10 @@ date +%s >"$tmp/complete"
 mv -T "$tmp" "$dest" 2>/dev/null || { [ -f "$dest/complete" ] || die "cannot move $tmp to $dest"; }
 trap - EXIT
 rm -rf "$tmp"
+# Keep the three newest images and the two newest debootstrap tarballs.
+# shellcheck disable=SC2012
+ls -dt "$cache"/testhost-* | tail -n +4 | xargs -r rm -rf
+# shellcheck disable=SC2012
+ls -t "$cache"/debootstrap-*.tar.zst | tail -n +3 | xargs -r rm -f
 log "built $dest in $(( $(date +%s) - start )) s (root.img $(du -sh "$dest/root.img" | cut -f1))"
 echo "$dest"

@@ -148,7 +148,15 @@ pub fn run(args: RunArgs) -> Result<i32> {
             image::check_image(dir)?;
             dir.clone()
         }
-        None => image::ensure_image()?,
+        None => {
+            let image = image::ensure_image();
+            let sig = SIGNALLED.load(Ordering::SeqCst);
+            if sig != 0 {
+                eprintln!("capsa-testhost: interrupted by signal {sig}");
+                return Ok(128 + sig);
+            }
+            image?
+        }
     };
     let plan = Plan {
         image,
@@ -562,12 +570,17 @@ fn report_death(tmp: &Path, started: bool, status: Option<std::process::ExitStat
     } else {
         "before the command started"
     };
-    let status = status.map(|s| s.to_string()).unwrap_or_default();
-    eprintln!("capsa-testhost: the test host died {when} without reporting a status ({why}; QEMU {status})");
+    let status = status.map(|s| format!("; QEMU {s}")).unwrap_or_default();
     eprintln!(
-        "---- test-host console (last 40 lines) ----\n{}",
-        tail(&tmp.join("console.log"), 40)
+        "capsa-testhost: the test host died {when} without reporting a status ({why}{status})"
     );
+    let console = tail(&tmp.join("console.log"), 40);
+    let console = if console.trim().is_empty() {
+        "(empty)".to_string()
+    } else {
+        console
+    };
+    eprintln!("---- test-host console (last 40 lines) ----\n{console}");
     let q = tail(&tmp.join("qemu.log"), 20);
     if !q.trim().is_empty() {
         eprintln!("---- QEMU ----\n{q}");
@@ -691,11 +704,17 @@ fn boot_and_run(plan: &Plan, deadline: Instant) -> Result<Outcome> {
                     }
                 }
             }
+            // Without the nonce, the held-back tail is output too.
+            let mut incomplete = false;
+            for p in ports.iter_mut().take(2).filter(|p| !p.complete) {
+                let rest = std::mem::take(&mut p.pending);
+                p.bytes += rest.len() as u64;
+                sinks.write(&p.kind, &rest);
+                incomplete = true;
+            }
             match ctl.status {
                 Some(code) => {
-                    for p in ports.iter_mut().take(2).filter(|p| !p.complete) {
-                        let rest = std::mem::take(&mut p.pending);
-                        sinks.write(&p.kind, &rest);
+                    if incomplete {
                         eprintln!(
                             "capsa-testhost: warning: the command's output may be incomplete"
                         );
@@ -739,4 +758,74 @@ fn boot_and_run(plan: &Plan, deadline: Instant) -> Result<Outcome> {
     drop(ports);
     tmpdir.close().context("removing the temporary directory")?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(kind: Kind) -> (Port, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Port::new(kind, &dir.path().join("s.sock")).unwrap();
+        (p, dir)
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        let script = job_script(
+            Path::new("/w"),
+            &[("K".into(), "v'1".into())],
+            &["echo".into(), "$x".into()],
+        )
+        .unwrap();
+        assert!(script.contains("cd -- '/w' || exit 125\n"));
+        assert!(script.contains("export K='v'\\''1'\n"));
+        assert!(script.ends_with("exec 'echo' '$x'\n"));
+    }
+
+    #[test]
+    fn variable_names_are_checked() {
+        assert!(valid_name("CAPSA_X1") && valid_name("_a"));
+        assert!(!valid_name("") && !valid_name("1A") && !valid_name("A-B") && !valid_name("A B"));
+        assert!(environment(&["NOEQUALS".into()]).is_err());
+        assert!(environment(&["BAD-NAME=1".into()]).is_err());
+        let env = environment(&["A=1".into(), "A=2=3".into()]).unwrap();
+        assert_eq!(
+            env.iter().filter(|(k, _)| k == "A").collect::<Vec<_>>(),
+            [&("A".into(), "2=3".into())]
+        );
+    }
+
+    #[test]
+    fn nonce_split_across_reads_ends_the_stream() {
+        let (mut p, _d) = port(Kind::Ctl);
+        p.kind = Kind::Out;
+        let nonce = b"CAPSA-END-0123456789abcdef";
+        let mut sinks = Sinks {
+            stdout_ok: true,
+            stderr_ok: true,
+        };
+        let mut ctl = Ctl::default();
+        handle_data(&mut p, b"hello CAPSA-END-0123", nonce, &mut sinks, &mut ctl);
+        assert!(!p.complete);
+        handle_data(&mut p, b"456789abcdef", nonce, &mut sinks, &mut ctl);
+        assert!(p.complete);
+        assert_eq!(p.bytes, 6);
+    }
+
+    #[test]
+    fn ctl_lines_give_start_and_status() {
+        let (mut p, _d) = port(Kind::Ctl);
+        let mut sinks = Sinks {
+            stdout_ok: true,
+            stderr_ok: true,
+        };
+        let mut ctl = Ctl::default();
+        handle_data(&mut p, b"started\nexit 4", b"x", &mut sinks, &mut ctl);
+        assert!(ctl.started.is_some() && ctl.status.is_none());
+        handle_data(&mut p, b"2\n", b"x", &mut sinks, &mut ctl);
+        assert_eq!(ctl.status, Some(42));
+    }
 }

@@ -240,3 +240,32 @@ fn missing_share_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot share /nonexistent/capsa"));
 }
+
+#[test]
+fn crashed_test_host_is_reported() {
+    if !enabled() {
+        return;
+    }
+    let (out, _) = run(&[
+        "--",
+        "sh",
+        "-c",
+        "echo about-to-crash; echo c >/proc/sysrq-trigger; sleep 100",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr.contains("died while the command ran"),
+        "no clear message"
+    );
+    assert!(stderr.contains("kernel panicked"), "panic not recognised");
+    assert!(
+        !stderr.contains("retrying"),
+        "retried after the command had started"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "about-to-crash\n",
+        "output before the crash lost"
+    );
+}
