@@ -22,16 +22,28 @@ for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz
 done
 [ "$(id -u)" = 0 ] || die "debootstrap needs root"
 
-# The kernel: the package linux-image-amd64 currently depends on (e.g. linux-image-6.1.0-28-amd64).
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-if [ -z "$kpkg" ]; then
+# The kernel: the package linux-image-amd64 currently depends on (e.g. linux-image-6.1.0-28-amd64 (= V)).
+# One apt-cache call (it re-reads the package lists each time where apt keeps no pkgcache).
+kernel_dep() {
+  apt-cache show --no-all-versions linux-image-amd64 2>/dev/null \
+    | sed -n 's/^Depends: .*\(linux-image-[0-9][^ ,]*\) (= \([^)]*\)).*/\1 \2/p' | head -n1
+}
+# The answer is remembered until apt's package lists change (apt-cache takes seconds on a loaded machine).
+lists_sig=$(stat -c '%n %Y %s' /var/lib/apt/lists/*Packages* 2>/dev/null | sha256sum | cut -c1-16)
+memo=$cache/.testhost-kernel-$lists_sig
+kpkg= kver=
+[ -f "$memo" ] && read -r kpkg kver <"$memo"
+[ -n "$kpkg" ] || read -r kpkg kver < <(kernel_dep) || true
+if [ -z "${kpkg:-}" ]; then
   log "apt lists have no linux-image-amd64; running apt-get update"
   apt-get update -qq >&2
-  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  read -r kpkg kver < <(kernel_dep) || true
 fi
-[ -n "$kpkg" ] || die "cannot find the kernel package linux-image-amd64 depends on"
-kver=$(apt-cache show --no-all-versions "$kpkg" | awk '/^Version:/ {print $2; exit}')
-[ -n "$kver" ] || die "no version for $kpkg"
+[ -n "${kpkg:-}" ] && [ -n "${kver:-}" ] || die "cannot find the kernel package linux-image-amd64 depends on"
+if [ ! -f "$memo" ] && mkdir -p "$cache" 2>/dev/null; then
+  rm -f "$cache"/.testhost-kernel-*
+  echo "$kpkg $kver" >"$memo.$$" && mv "$memo.$$" "$memo"
+fi
 
 packages=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages.txt" | tr -s ' \n' ' ' | xargs)
 hash=$( { cat "$here/build-image.sh" "$here/packages.txt" "$here"/image/*; echo "$kpkg=$kver $suite $mirror"; } \

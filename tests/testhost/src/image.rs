@@ -50,13 +50,7 @@ pub fn ensure_image() -> Result<PathBuf> {
         .map(|l| PathBuf::from(l.trim()))
         .context("build-image.sh printed no image directory")?;
     check_image(&dir)?;
-    let secs = start.elapsed().as_secs_f64();
-    if secs > 5.0 {
-        eprintln!(
-            "capsa-testhost: image ready in {secs:.1} s (cold build): {}",
-            dir.display()
-        );
-    }
+    let _ = start;
     Ok(dir)
 }
 
