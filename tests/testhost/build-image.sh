@@ -17,11 +17,6 @@ mirror=${CAPSA_TESTHOST_MIRROR:-http://deb.debian.org/debian}
 log() { echo "testhost-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz zstd sha256sum; do
-  command -v "$tool" >/dev/null || die "'$tool' is missing (run .ci/install-deps.sh)"
-done
-[ "$(id -u)" = 0 ] || die "debootstrap needs root"
-
 # The kernel: the package linux-image-amd64 currently depends on (e.g. linux-image-6.1.0-28-amd64 (= V)).
 # One apt-cache call (it re-reads the package lists each time where apt keeps no pkgcache).
 kernel_dep() {
@@ -50,10 +45,14 @@ hash=$( { cat "$here/build-image.sh" "$here/packages.txt" "$here"/image/*; echo 
         | sha256sum | cut -c1-16)
 dest=$cache/testhost-$hash
 if [ -f "$dest/complete" ]; then
-  log "cached image $dest"
   echo "$dest"
   exit 0
 fi
+
+for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz zstd sha256sum; do
+  command -v "$tool" >/dev/null || die "'$tool' is missing (run .ci/install-deps.sh)"
+done
+[ "$(id -u)" = 0 ] || die "debootstrap needs root"
 
 start=$(date +%s)
 mkdir -p "$cache"
