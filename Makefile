@@ -7,9 +7,9 @@ CARGO ?= cargo
 RELEASE_BINS := capsa-vmm capsa-agent capsa capsa-testhost
 E2E_LIST := $(ROOT)/build/e2e-tests.list
 
-.PHONY: all binaries guest-image testhost-image test e2e bench lint clean-cache
+.PHONY: all binaries guest-image virtiofsd testhost-image test e2e bench lint clean-cache
 
-all: binaries guest-image
+all: binaries guest-image virtiofsd
 
 binaries:
 	$(CARGO) build --release --workspace --bins
@@ -17,6 +17,10 @@ binaries:
 guest-image: binaries
 	bash guest-image/build-kernel.sh
 	bash guest-image/build-initrd.sh target/release/capsa-agent build/guest/initrd.img
+
+# virtiofsd 1.14 (crates.io) for virtio-fs, cached under $CAPSA_CACHE, copied to build/virtiofsd.
+virtiofsd:
+	bash guest-image/build-virtiofsd.sh
 
 testhost-image: binaries
 	target/release/capsa-testhost build-image

@@ -69,6 +69,114 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// Longest virtio-fs tag: the config space's `tag` field is 36 bytes (NUL-padded, not NUL-terminated when full).
+pub const FS_TAG_MAX_LEN: usize = 36;
+/// Default number of virtio-fs request queues (besides the high-priority queue).
+pub const DEFAULT_FS_QUEUES: u16 = 1;
+/// Default size of each virtio-fs queue.
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
+/// Most virtio-fs request queues (virtiofsd serves one thread per queue; keep it small).
+pub const MAX_FS_QUEUES: u16 = 16;
+
+fn default_fs_queues() -> u16 {
+    DEFAULT_FS_QUEUES
+}
+
+fn default_fs_queue_size() -> u16 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
+/// One virtio-fs device backed by a vhost-user backend (virtiofsd) listening on `socket`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`), 1..=36 bytes.
+    pub tag: String,
+    /// The backend's vhost-user Unix socket.
+    pub socket: PathBuf,
+    /// Request queues (1..=16).
+    #[serde(default = "default_fs_queues")]
+    pub queues: u16,
+    /// Size of each queue (a power of two, 2..=32768).
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// `tag=<tag>,socket=<path>[,queues=N][,queue-size=N]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tag, mut socket) = (None, None);
+        let mut queues = DEFAULT_FS_QUEUES;
+        let mut queue_size = DEFAULT_FS_QUEUE_SIZE;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("fs option {part:?} is not key=value"))?;
+            let number = |what: &str| {
+                value
+                    .parse::<u16>()
+                    .map_err(|e| format!("fs {what} {value:?}: {e}"))
+            };
+            match key {
+                "tag" => tag = Some(value.to_string()),
+                "socket" => socket = Some(PathBuf::from(value)),
+                "queues" | "num_queues" => queues = number("queues")?,
+                "queue-size" | "queue_size" => queue_size = number("queue-size")?,
+                _ => {
+                    return Err(format!(
+                        "unknown fs option {key:?} (tag, socket, queues, queue-size)"
+                    ))
+                }
+            }
+        }
+        let config = Self {
+            tag: tag.ok_or("fs needs tag=<tag>")?,
+            socket: socket.ok_or("fs needs socket=<path>")?,
+            queues,
+            queue_size,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl FsConfig {
+    /// Checks the values (not whether the socket exists: the device reports that when it connects).
+    pub fn check(&self) -> Result<(), String> {
+        if self.tag.is_empty() || self.tag.len() > FS_TAG_MAX_LEN {
+            return Err(format!(
+                "fs tag must be 1..={FS_TAG_MAX_LEN} bytes, not {} ({:?})",
+                self.tag.len(),
+                self.tag
+            ));
+        }
+        if self.tag.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            return Err(format!(
+                "fs tag {:?} must be printable ASCII without spaces",
+                self.tag
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("fs socket path is empty".into());
+        }
+        if self.queues == 0 || self.queues > MAX_FS_QUEUES {
+            return Err(format!(
+                "fs queues must be 1..={MAX_FS_QUEUES}, not {}",
+                self.queues
+            ));
+        }
+        if self.queue_size < 2 || !self.queue_size.is_power_of_two() {
+            return Err(format!(
+                "fs queue-size must be a power of two in 2..=32768, not {}",
+                self.queue_size
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Hybrid vsock: the guest's CID and the host Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
@@ -89,6 +197,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// Guest serial output file; `None` = the VMM's stdout.
     pub console_log: Option<PathBuf>,
+    /// virtio-fs devices (vhost-user); any of them makes guest memory a shared memfd.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
 
 impl VmConfig {
@@ -104,6 +215,7 @@ impl VmConfig {
             disks: vec![],
             rng: false,
             console_log: None,
+            fs: vec![],
         }
     }
 
@@ -113,7 +225,12 @@ impl VmConfig {
 
     /// Number of virtio devices this configuration asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
+        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng) + self.fs.len()
+    }
+
+    /// Whether guest memory must be shareable with another process (a vhost-user backend).
+    pub fn needs_shared_memory(&self) -> bool {
+        !self.fs.is_empty()
     }
 
     /// Checks values and that the input files exist.
@@ -148,6 +265,15 @@ impl VmConfig {
         }
         for d in &self.disks {
             check_file("disk", &d.path)?;
+        }
+        for (i, fs) in self.fs.iter().enumerate() {
+            fs.check().map_err(ConfigError::Invalid)?;
+            if self.fs[..i].iter().any(|other| other.tag == fs.tag) {
+                return Err(ConfigError::Invalid(format!(
+                    "fs tag {:?} used twice",
+                    fs.tag
+                )));
+            }
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::Invalid(format!(
@@ -190,11 +316,12 @@ pub struct ConfigFile {
     pub disks: Option<Vec<DiskConfig>>,
     pub rng: Option<bool>,
     pub console_log: Option<PathBuf>,
+    pub fs: Option<Vec<FsConfig>>,
 }
 
 pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
   A JSON object with any of these keys (unknown keys are an error); a flag given on the command line
-  overrides the key, and any --disk flag replaces the whole "disks" list:
+  overrides the key, and any --disk (--fs) flag replaces the whole "disks" ("fs") list:
     kernel       string   path of an uncompressed vmlinux (PVH entry used when present) or a bzImage
     initrd       string   initrd/initramfs image
     cmdline      string   kernel command line (the VMM appends virtio_mmio.device=4K@<addr>:<irq> per device)
@@ -205,11 +332,19 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     disks        array    [{"path": string, "readonly": bool (default false)}], virtio-blk vda, vdb, ...
     rng          bool     add a virtio-rng device
     console_log  string   file for the guest's serial output (default: stdout)
+    fs           array    [{"tag": string, "socket": string, "queues": int (default 1),
+                           "queue_size": int (default 1024)}], virtio-fs through a vhost-user backend
   Example:
     {"kernel": "/var/cache/capsa/vmlinux", "initrd": "/var/cache/capsa/initrd.img",
      "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "memory_mib": 256,
      "vsock_cid": 3, "vsock_uds": "/run/capsa/pod1/vsock.sock",
      "disks": [{"path": "/run/capsa/pod1/rootfs.img", "readonly": true}], "rng": true}
+
+VIRTIO-FS (--fs tag=<tag>,socket=<path>[,queues=N][,queue-size=N])
+  A virtio-fs device served by a vhost-user backend such as virtiofsd, which must already listen on <path>
+  (e.g. `virtiofsd --socket-path <path> --shared-dir <dir>`). Guest memory then lives in a shared memfd that
+  the backend maps. The guest mounts it with `mount -t virtiofs <tag> <dir>`. If the backend goes away
+  while the VM runs, the device stops (logged) and the VM keeps running.
 
 EXIT STATUS
   0  the guest stopped itself (i8042 reset, e.g. `reboot=k` reboot/poweroff; triple fault) or SIGTERM/SIGINT
@@ -252,6 +387,12 @@ pub struct Cli {
     /// Add a virtio-rng device
     #[arg(long)]
     pub rng: bool,
+    /// virtio-fs device through a vhost-user backend (virtiofsd), repeatable
+    #[arg(
+        long = "fs",
+        value_name = "tag=TAG,socket=PATH[,queues=N][,queue-size=N]"
+    )]
+    pub fs: Vec<FsConfig>,
     /// File for the guest's serial output [default: stdout]
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
@@ -320,6 +461,11 @@ pub fn merge(file: ConfigFile, cli: Cli) -> Result<VmConfig, ConfigError> {
         },
         rng: cli.rng || file.rng.unwrap_or(false),
         console_log: cli.console_log.or(file.console_log),
+        fs: if cli.fs.is_empty() {
+            file.fs.unwrap_or_default()
+        } else {
+            cli.fs
+        },
     })
 }
 
@@ -345,5 +491,93 @@ mod tests {
         );
         assert!("/a.img,rw".parse::<DiskConfig>().is_err());
         assert!(",readonly".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn fs_flag_syntax() {
+        assert_eq!(
+            "tag=rootfs,socket=/run/capsa/p/fs.sock"
+                .parse::<FsConfig>()
+                .unwrap(),
+            FsConfig {
+                tag: "rootfs".into(),
+                socket: "/run/capsa/p/fs.sock".into(),
+                queues: 1,
+                queue_size: 1024
+            }
+        );
+        let c: FsConfig = "socket=/s,tag=t,queues=2,queue-size=256".parse().unwrap();
+        assert_eq!((c.tag.as_str(), c.queues, c.queue_size), ("t", 2, 256));
+        for bad in [
+            "tag=t",
+            "socket=/s",
+            "tag=,socket=/s",
+            "tag=t,socket=",
+            "tag=t,socket=/s,queues=0",
+            "tag=t,socket=/s,queues=17",
+            "tag=t,socket=/s,queues=x",
+            "tag=t,socket=/s,queue-size=1000",
+            "tag=t,socket=/s,queue-size=65536",
+            "tag=t,socket=/s,cache=auto",
+            "tag=a b,socket=/s",
+            "tag,socket=/s",
+            "tag=0123456789012345678901234567890123456,socket=/s",
+        ] {
+            assert!(bad.parse::<FsConfig>().is_err(), "{bad} accepted");
+        }
+        // 36 bytes is the most the config space holds.
+        assert!("tag=012345678901234567890123456789012345,socket=/s"
+            .parse::<FsConfig>()
+            .is_ok());
+    }
+
+    #[test]
+    fn fs_from_json_and_flags() {
+        let file: ConfigFile = serde_json::from_str(
+            r#"{"kernel": "/k", "fs": [{"tag": "a", "socket": "/a.sock"},
+                {"tag": "b", "socket": "/b.sock", "queues": 2, "queue_size": 128}]}"#,
+        )
+        .unwrap();
+        let c = merge(file.clone(), Cli::default()).unwrap();
+        assert_eq!(c.fs.len(), 2);
+        assert_eq!((c.fs[0].queues, c.fs[0].queue_size), (1, 1024));
+        assert_eq!((c.fs[1].queues, c.fs[1].queue_size), (2, 128));
+        assert!(c.needs_shared_memory());
+        assert_eq!(c.virtio_device_count(), 2);
+        // A flag replaces the file's list.
+        let cli = Cli::parse_from(["capsa-vmm", "--fs", "tag=c,socket=/c.sock"]);
+        let c = merge(file, cli).unwrap();
+        assert_eq!(c.fs.len(), 1);
+        assert_eq!(c.fs[0].tag, "c");
+        assert!(serde_json::from_str::<ConfigFile>(
+            r#"{"fs": [{"tag": "a", "socket": "/a", "cache": "auto"}]}"#
+        )
+        .is_err());
+        assert!(!VmConfig::new("/k").needs_shared_memory());
+    }
+
+    #[test]
+    fn fs_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"x").unwrap();
+        let mut c = VmConfig::new(&kernel);
+        let fs = |tag: &str| FsConfig {
+            tag: tag.into(),
+            socket: "/s".into(),
+            queues: 1,
+            queue_size: 1024,
+        };
+        c.fs = vec![fs("a"), fs("b")];
+        c.validate().unwrap();
+        c.fs = vec![fs("a"), fs("a")];
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.fs = vec![fs("")];
+        assert!(c.validate().is_err());
+        c.fs = vec![FsConfig {
+            queue_size: 3,
+            ..fs("a")
+        }];
+        assert!(c.validate().is_err());
     }
 }

@@ -9,9 +9,10 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod layout;
+pub mod memory;
 pub mod vcpu;
 pub mod virtio_wiring;
 pub mod vmm;
 
-pub use config::{Cli, ConfigError, DiskConfig, VmConfig, VsockConfig};
+pub use config::{Cli, ConfigError, DiskConfig, FsConfig, VmConfig, VsockConfig};
 pub use vmm::{Error, ExitReason, Vmm, VmmOptions};

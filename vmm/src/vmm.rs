@@ -157,8 +157,9 @@ impl Vmm {
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
 
         let mem_size = config.memory_bytes();
-        let mem =
-            GuestMemoryMmap::from_ranges(&ram_ranges(mem_size)).map_err(|e| Error::Memory {
+        // A vhost-user backend (virtio-fs) maps guest memory too: then it is one shared memfd.
+        let mem = crate::memory::create(&ram_ranges(mem_size), config.needs_shared_memory())
+            .map_err(|e| Error::Memory {
                 mib: config.memory_mib,
                 reason: e.to_string(),
             })?;
@@ -243,6 +244,7 @@ impl Vmm {
 
         // virtio-mmio devices: the configured ones, then any extra.
         let mut devices = crate::virtio_wiring::create_devices(&config)?;
+        devices.extend(crate::devices::virtio::fs::create_devices(&config)?);
         devices.extend(options.extra_virtio_devices);
         let mut cmdline = config.cmdline.clone();
         for (i, (name, device)) in devices.into_iter().enumerate() {

@@ -16,6 +16,8 @@
 //!   driver is up wait in the listen backlog.
 //! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512.
 //! - [`Rng::new()`](Rng::new): entropy from the host's `/dev/urandom`.
+//! - [`Fs::new(&FsConfig)`](Fs::new): virtio-fs served by a vhost-user backend (virtiofsd); connects and
+//!   negotiates at once (no backend = error). Needs guest memory from `crate::memory::create(.., true)`.
 //!
 //! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
 //! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
@@ -23,6 +25,7 @@
 
 pub mod block;
 mod chain;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]
@@ -31,6 +34,7 @@ pub mod vsock;
 mod worker;
 
 pub use block::Block;
+pub use fs::Fs;
 pub use rng::Rng;
 pub use vsock::Vsock;
 
