@@ -48,6 +48,15 @@ pub struct HelperReply {
 /// Entry point of the helper process (called from `main` before any runtime starts). Returns the
 /// process exit code.
 pub fn helper_main(arg: &str) -> i32 {
+    // The Rust runtime ignores SIGPIPE and ignored dispositions survive exec: without this, a
+    // container's `yes | head` would spin forever on EPIPE instead of dying of SIGPIPE.
+    // SAFETY: plain signal-disposition and mask calls before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
     // Logs go to stderr, which the agent collects and adds to the error it reports.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
