@@ -148,6 +148,7 @@ fn run(req: HelperRequest) -> Result<i32, String> {
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
+                .with_no_pivot(root_is_initramfs())
                 .build()
                 .map_err(|e| error_chain(&e))?;
             container
@@ -164,6 +165,20 @@ fn run(req: HelperRequest) -> Result<i32, String> {
                 .map_err(|e| error_chain(&e))?;
             Ok(pid.as_raw())
         }
+    }
+}
+
+/// pivot_root(2) refuses to move an initramfs root (EINVAL): the guest boots the agent from one, so
+/// containers there get MS_MOVE + chroot instead (what runc's --no-pivot does).
+fn root_is_initramfs() -> bool {
+    use nix::sys::statfs::{statfs, TMPFS_MAGIC};
+    match statfs("/") {
+        Ok(s) => {
+            let t = s.filesystem_type();
+            // RAMFS_MAGIC (0x858458f6), missing from libc for this target.
+            t == TMPFS_MAGIC || t.0 as u64 == 0x8584_58f6
+        }
+        Err(_) => false,
     }
 }
 
