@@ -212,3 +212,52 @@ fn large_memory_has_the_mmio_hole_and_high_ram() {
     assert!(mem.write_obj(7u8, GuestAddress(0x1_2000_0000)).is_err());
     assert_eq!(vmm.run().unwrap(), ExitReason::GuestReset);
 }
+
+/// The serial port's THR-empty interrupt reaches the guest: irqfd on GSI 4 -> in-kernel IOAPIC pin 4 -> LAPIC ->
+/// the guest's IDT handler (what Linux needs for user-space console output).
+#[test]
+fn serial_thre_interrupt_is_delivered_to_the_guest() {
+    const HANDLER: u32 = 0x400;
+    const IDT: u32 = 0x800;
+    const IDTR: u32 = 0x1000;
+    const VECTOR: u32 = 0x30;
+    let base = LOAD_ADDR as u32;
+    let mut a = Asm::new();
+    a.bytes(&[0xbc]).bytes(&0x8000u32.to_le_bytes()); // mov esp, 0x8000
+    a.bytes(&[0xb0, 0xff, 0xe6, 0x21, 0xe6, 0xa1]); // mask both 8259s
+    a.bytes(&[0x0f, 0x01, 0x1d])
+        .bytes(&(base + IDTR).to_le_bytes()); // lidt
+    a.store32(0xfee0_00f0, 0x1ff); // LAPIC spurious vector register: software enable
+    a.store32(0xfec0_0000, 0x10 + 2 * 4)
+        .store32(0xfec0_0010, VECTOR); // IOAPIC pin 4: vector, edge, unmasked
+    a.store32(0xfec0_0000, 0x11 + 2 * 4).store32(0xfec0_0010, 0); // destination APIC 0
+    a.mov_dx(0x3f9).out_dx_imm(0x02); // IER: THR empty
+    a.bytes(&[0xfb]).halt_forever(); // sti; hlt
+    assert!(a.0.len() < HANDLER as usize);
+    let mut image = a.0.clone();
+    image.resize(HANDLER as usize, 0x90);
+    let mut h = Asm::new();
+    h.print("I").reset().halt_forever();
+    image.extend_from_slice(&h.0);
+    image.resize(IDT as usize, 0x90);
+    let mut idt = vec![0u8; 256 * 8];
+    let handler = base + HANDLER;
+    let gate = &mut idt[(VECTOR * 8) as usize..][..8];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&8u16.to_le_bytes()); // code selector
+    gate[5] = 0x8e; // present, 32-bit interrupt gate
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    image.extend_from_slice(&idt);
+    image.extend_from_slice(&0x7ffu16.to_le_bytes());
+    image.extend_from_slice(&(base + IDT).to_le_bytes());
+
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_kernel(dir.path(), "vmlinux", &pvh_kernel(&image));
+    let (result, out) = run_vm(
+        config(&kernel),
+        VmmOptions::default(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.text(), "I", "interrupt handler ran");
+    assert_eq!(result.unwrap(), ExitReason::GuestReset);
+}
