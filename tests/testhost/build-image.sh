@@ -45,6 +45,7 @@ hash=$( { cat "$here/build-image.sh" "$here/packages.txt" "$here"/image/*; echo 
         | sha256sum | cut -c1-16)
 dest=$cache/testhost-$hash
 if [ -f "$dest/complete" ]; then
+  touch "$dest/complete" 2>/dev/null || true   # last use, for pruning
   echo "$dest"
   exit 0
 fi
@@ -165,10 +166,13 @@ date +%s >"$tmp/complete"
 mv -T "$tmp" "$dest" 2>/dev/null || { [ -f "$dest/complete" ] || die "cannot move $tmp to $dest"; }
 trap - EXIT
 rm -rf "$tmp"
-# Keep the three newest images and the two newest debootstrap tarballs.
+# Prune images unused for an hour beyond the three most recently used, and all but the two newest
+# debootstrap tarballs.
 # shellcheck disable=SC2012
-ls -dt "$cache"/testhost-* | tail -n +4 | xargs -r rm -rf
+ls -t "$cache"/testhost-*/complete 2>/dev/null | tail -n +4 | while read -r old; do
+  if [ -n "$(find "$old" -mmin +60)" ]; then rm -rf "$(dirname "$old")"; fi
+done || true
 # shellcheck disable=SC2012
-ls -t "$cache"/debootstrap-*.tar.zst | tail -n +3 | xargs -r rm -f
+ls -t "$cache"/debootstrap-*.tar.zst 2>/dev/null | tail -n +3 | xargs -r rm -f || true
 log "built $dest in $(( $(date +%s) - start )) s (root.img $(du -sh "$dest/root.img" | cut -f1))"
 echo "$dest"

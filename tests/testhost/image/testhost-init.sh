@@ -42,10 +42,10 @@ $bb ip link set lo up
 $bb mkdir -p /run/capsa-job
 $bb mount -t 9p -o "$opt9p" capsajob /run/capsa-job || die "cannot mount the job share"
 job=/run/capsa-job
-# shares: "<mount tag> <absolute path>" per line, mounted at the same path as on the host.
-while read -r tag path; do
+# shares: "<mount tag> <ro|rw> <absolute path>" per line, mounted at the same path as on the host.
+while read -r tag mode path; do
   [ -n "$tag" ] || continue
-  $bb mkdir -p "$path" && $bb mount -t 9p -o "$opt9p" "$tag" "$path" || die "cannot mount share $tag at $path"
+  $bb mkdir -p "$path" && $bb mount -t 9p -o "$opt9p,$mode" "$tag" "$path" || die "cannot mount share $tag at $path"
 done <"$job/shares"
 
 port() {
