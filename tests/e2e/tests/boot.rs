@@ -81,7 +81,7 @@ async fn four_vms_at_once() {
     let starts = mems.iter().enumerate().map(|(i, &mem)| {
         let mut c = vm_config(&inputs, root.path(), 1, mem);
         c.extra_cmdline = vec![format!("capsa.e2e_marker=vm{i}")];
-        c.boot_timeout = Duration::from_secs(120);
+        c.boot_timeout = Duration::from_secs(180);
         async move { Vm::start(&c, &format!("e2e-four-{i}")).await }
     });
     let results = futures::future::join_all(starts).await;
