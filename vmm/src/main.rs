@@ -1,6 +1,8 @@
 //! `capsa-vmm`: runs one microVM. See `capsa-vmm --help` and docs/interfaces.md.
 
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -32,19 +34,22 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
+    // Handlers first, so a SIGTERM while the VM is being built still means a clean stop (exit 0).
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .context("cannot install signal handlers")?;
+    }
     let config = cli.into_config().map_err(capsa_vmm::Error::from)?;
     let vmm = Vmm::with_options(
         config,
         VmmOptions {
             serial_input: true,
             process_start: Some(process_start),
+            stop_flag: Some(stop),
             ..Default::default()
         },
     )?;
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, vmm.stop_flag())
-            .context("cannot install signal handlers")?;
-    }
     let reason = vmm.run()?;
     tracing::info!("exiting: {reason:?}");
     Ok(())

@@ -107,6 +107,9 @@ pub struct VmmOptions {
     pub extra_virtio_devices: Vec<crate::virtio_wiring::NamedDevice>,
     /// Process start, for the boot timer; default: when the VMM was created.
     pub process_start: Option<Instant>,
+    /// The flag that stops the VM (see [`Vmm::stop_flag`]); pass one to have signal handlers in place before
+    /// the VM is built. Default: a new flag.
+    pub stop_flag: Option<Arc<AtomicBool>>,
 }
 
 pub struct Vmm {
@@ -320,7 +323,7 @@ impl Vmm {
             serial_input: options.serial_input,
             events_tx,
             events_rx,
-            stop_requested: Arc::new(AtomicBool::new(false)),
+            stop_requested: options.stop_flag.unwrap_or_default(),
             times,
             cmdline,
             entry,

@@ -261,3 +261,24 @@ fn serial_thre_interrupt_is_delivered_to_the_guest() {
     assert_eq!(out.text(), "I", "interrupt handler ran");
     assert_eq!(result.unwrap(), ExitReason::GuestReset);
 }
+
+#[test]
+fn a_stop_requested_before_run_stops_at_once() {
+    let mut a = Asm::new();
+    a.bytes(&[0xfa]).halt_forever();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_kernel(dir.path(), "vmlinux", &pvh_kernel(&a.0));
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let vmm = Vmm::with_options(
+        config(&kernel),
+        VmmOptions {
+            stop_flag: Some(flag.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&vmm.stop_flag(), &flag));
+    let start = std::time::Instant::now();
+    assert_eq!(vmm.run().unwrap(), ExitReason::Stopped);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
