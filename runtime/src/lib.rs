@@ -5,10 +5,13 @@
 //! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
 //! - [`check`]: host capability checks.
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
+//! - [`run`]: `capsa run`, one container in a fresh microVM; [`oci_image`] unpacks image archives for it.
 
 pub mod agent_client;
 pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
+pub mod oci_image;
+pub mod run;
 pub mod vm;
 pub mod shim;

@@ -9,6 +9,9 @@ use capsa_runtime::artifacts::Artifacts;
 use capsa_runtime::check;
 use clap::{Parser, Subcommand};
 
+#[path = "capsa/run.rs"]
+mod capsa_run;
+
 #[derive(Parser)]
 #[command(name = "capsa", version, about = "capsa: containers in KVM microVMs")]
 struct Cli {
@@ -32,6 +35,28 @@ enum Command {
         /// Guest initrd (default: $CAPSA_INITRD, build/guest/initrd.img, /usr/share/capsa/initrd.img).
         #[arg(long)]
         initrd: Option<PathBuf>,
+    },
+    /// Run one container in a fresh microVM with stdio attached; exits with the container's exit code
+    /// (128+N when signal N ended it; 125 when capsa itself failed).
+    #[command(trailing_var_arg = true)]
+    Run {
+        /// Give the container a terminal (raw mode on this one; window size follows it).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// vCPUs of the VM (default: the configuration's default_vcpus).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory of the VM in MiB (default: the configuration's default_memory_mib).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// capsa's configuration (default: $CAPSA_CONFIG, /etc/capsa/configuration.toml; without one
+        /// the VMM, kernel and initrd are found like `capsa check` finds them).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A root file system directory or an OCI image archive (tar of an OCI layout or `docker save`).
+        source: PathBuf,
+        /// The command (after `--`); default: the image's Entrypoint + Cmd.
+        command: Vec<String>,
     },
     /// Register capsa with containerd (runtime `capsa`, io.containerd.capsa.v2) and print the
     /// Kubernetes RuntimeClass.
@@ -58,6 +83,21 @@ fn main() -> anyhow::Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            tty,
+            vcpus,
+            memory,
+            config,
+            source,
+            command,
+        } => capsa_run::main(capsa_run::Args {
+            tty,
+            vcpus,
+            memory,
+            config,
+            source,
+            command,
+        }),
         Command::Install {
             containerd_config,
             config,
