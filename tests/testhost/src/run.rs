@@ -406,22 +406,26 @@ struct Sinks {
 
 impl Sinks {
     fn write(&mut self, kind: &Kind, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        let (ok, res) = match kind {
-            Kind::Out => (&mut self.stdout_ok, {
-                let mut o = std::io::stdout().lock();
-                o.write_all(data).and_then(|_| o.flush())
-            }),
-            Kind::Err => (&mut self.stderr_ok, {
-                let mut o = std::io::stderr().lock();
-                o.write_all(data).and_then(|_| o.flush())
-            }),
+        let ok = match kind {
+            Kind::Out => &mut self.stdout_ok,
+            Kind::Err => &mut self.stderr_ok,
             Kind::Ctl => return,
         };
-        if *ok && res.is_err() {
-            *ok = false; // e.g. a closed pipe: keep running, drop the output
+        if data.is_empty() || !*ok {
+            return;
+        }
+        let res = match kind {
+            Kind::Out => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(data).and_then(|_| o.flush())
+            }
+            _ => {
+                let mut o = std::io::stderr().lock();
+                o.write_all(data).and_then(|_| o.flush())
+            }
+        };
+        if res.is_err() {
+            *ok = false; // e.g. a closed pipe: keep running (the status still counts), drop the output
         }
     }
 }
@@ -851,8 +855,8 @@ mod tests {
         p.kind = Kind::Out;
         let nonce = b"CAPSA-END-0123456789abcdef";
         let mut sinks = Sinks {
-            stdout_ok: true,
-            stderr_ok: true,
+            stdout_ok: false,
+            stderr_ok: false, // count only, print nothing
         };
         let mut ctl = Ctl::default();
         handle_data(&mut p, b"hello CAPSA-END-0123", nonce, &mut sinks, &mut ctl);
