@@ -85,6 +85,7 @@ else
   cp .config "$STAGE/config"
   printf 'source=%s %s\nfragment_sha256=%s\nbuilt=%s\nbuild_seconds=%s\n' "$SRC_PKG" "$SRC_VER" \
     "$(sha256sum <"$FRAGMENT" | cut -d' ' -f1)" "$(date -u +%FT%TZ)" "$(($(date +%s) - start))" >"$STAGE/BUILD-INFO"
+  chmod 0755 "$STAGE"
   cd /
   rm -rf "$ENTRY" # an incomplete leftover (cannot happen through rename, but be safe)
   mv -T "$STAGE" "$ENTRY"
