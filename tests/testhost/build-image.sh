@@ -50,7 +50,7 @@ if [ -f "$dest/complete" ]; then
   exit 0
 fi
 
-for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz zstd sha256sum; do
+for tool in apt-get apt-cache dpkg-deb debootstrap depmod mkfs.ext4 cpio gzip xz sha256sum; do
   command -v "$tool" >/dev/null || die "'$tool' is missing (run .ci/install-deps.sh)"
 done
 [ "$(id -u)" = 0 ] || die "debootstrap needs root"
@@ -100,7 +100,12 @@ depmod -b "$tmp/deb" "$krel"   # the deb ships no modules.dep (made at install t
 #    suite and mirror), so a change to the init scripts only rebuilds the cheap steps below.
 root=$tmp/rootfs
 dbs_key=$( { cat "$here/packages.txt"; echo "minbase $suite $mirror v1"; } | sha256sum | cut -c1-16)
-dbs_tar=$cache/debootstrap-$dbs_key.tar.zst
+if command -v zstd >/dev/null; then
+  ext=zst pack=(zstd -q -T0 -3) unpack=(zstd -q -d -c)
+else
+  ext=gz pack=(gzip -1) unpack=(gzip -d -c)
+fi
+dbs_tar=$cache/debootstrap-$dbs_key.tar.$ext
 if [ ! -f "$dbs_tar" ]; then
   log "debootstrap $suite (minbase + $packages)"
   dbs_start=$(date +%s)
@@ -108,13 +113,13 @@ if [ ! -f "$dbs_tar" ]; then
     || { tail -n 30 "$tmp/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
          "$root"/usr/share/man/* "$root"/usr/share/locale/* "$root"/usr/share/info/*
-  tar -C "$root" --numeric-owner -cf - . | zstd -q -T0 -3 >"$tmp/debootstrap.tar.zst"
-  mv "$tmp/debootstrap.tar.zst" "$dbs_tar"
+  tar -C "$root" --numeric-owner -cf - . | "${pack[@]}" >"$tmp/debootstrap.tar"
+  mv "$tmp/debootstrap.tar" "$dbs_tar"
   log "debootstrap took $(( $(date +%s) - dbs_start )) s"
 else
   log "reusing $dbs_tar"
   mkdir -p "$root"
-  zstd -q -d -c "$dbs_tar" | tar -C "$root" --numeric-owner -xf -
+  "${unpack[@]}" "$dbs_tar" | tar -C "$root" --numeric-owner -xf -
 fi
 mkdir -p "$root/lib/modules"
 cp -a "$tmp/deb/lib/modules/$krel" "$root/lib/modules/"
@@ -173,6 +178,6 @@ ls -t "$cache"/testhost-*/complete 2>/dev/null | tail -n +4 | while read -r old;
   if [ -n "$(find "$old" -mmin +60)" ]; then rm -rf "$(dirname "$old")"; fi
 done || true
 # shellcheck disable=SC2012
-ls -t "$cache"/debootstrap-*.tar.zst 2>/dev/null | tail -n +3 | xargs -r rm -f || true
+ls -t "$cache"/debootstrap-*.tar.* 2>/dev/null | tail -n +3 | xargs -r rm -f || true
 log "built $dest in $(( $(date +%s) - start )) s (root.img $(du -sh "$dest/root.img" | cut -f1))"
 echo "$dest"
