@@ -24,9 +24,10 @@ use super::sandbox::{
 };
 use crate::vm::{Disk, Vm, VmConfig};
 
-/// Where a container's rootfs storage is mounted in the guest.
+/// Where a container's rootfs storage is mounted in the guest (not under `/run/capsa/containers`,
+/// which is the agent's libcontainer state root: a directory there makes "container already exists").
 pub fn guest_rootfs(cid: &str) -> String {
-    format!("/run/capsa/containers/{cid}/rootfs")
+    format!("/run/capsa/storage/{cid}/rootfs")
 }
 
 /// File name of the rootfs image inside the bundle (containerd removes the bundle on delete).
@@ -562,7 +563,7 @@ mod tests {
         });
         let out = guest_spec(spec.to_string().as_bytes(), "c1").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["root"]["path"], "/run/capsa/containers/c1/rootfs");
+        assert_eq!(v["root"]["path"], "/run/capsa/storage/c1/rootfs");
         assert_eq!(v["root"]["readonly"], true);
         let dests: Vec<&str> = v["mounts"]
             .as_array()
