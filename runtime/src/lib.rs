@@ -3,6 +3,7 @@
 //! - [`hybrid_vsock`]: reach a guest port through the VMM's hybrid-vsock Unix socket.
 //! - [`agent_client`]: the ttrpc client of the in-guest agent.
 //! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
+//! - [`virtiofsd`]: the virtio-fs backend of a sandbox's shared directory.
 //! - [`check`]: host capability checks.
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
 //! - [`run`]: `capsa run`, one container in a fresh microVM; [`oci_image`] unpacks image archives for it.
@@ -13,5 +14,6 @@ pub mod check;
 pub mod hybrid_vsock;
 pub mod oci_image;
 pub mod run;
-pub mod vm;
 pub mod shim;
+pub mod virtiofsd;
+pub mod vm;

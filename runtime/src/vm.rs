@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::artifacts::Artifacts;
+use crate::virtiofsd::{SharedFsConfig, Virtiofsd, VirtiofsdError};
 
 /// Where sandbox directories live by default.
 pub const DEFAULT_RUN_ROOT: &str = "/run/capsa";
@@ -55,6 +56,8 @@ pub struct VmConfig {
     pub extra_cmdline: Vec<String>,
     pub disks: Vec<Disk>,
     pub rng: bool,
+    /// Share `<sandbox dir>/shared` with the guest over virtio-fs (virtiofsd); `None` = no shared dir.
+    pub shared_fs: Option<SharedFsConfig>,
     /// Parent of the per-sandbox directories.
     pub run_root: PathBuf,
     /// How long the agent has to answer its first Check.
@@ -75,6 +78,7 @@ impl VmConfig {
             extra_cmdline: Vec::new(),
             disks: Vec::new(),
             rng: true,
+            shared_fs: None,
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             boot_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -128,6 +132,12 @@ impl VmConfig {
         if self.rng {
             args.push("--rng".into());
         }
+        if let Some(fs) = &self.shared_fs {
+            args.push("--fs".into());
+            let mut v: OsString = format!("tag={},socket=", fs.tag).into();
+            v.push(&paths.fs_socket);
+            args.push(v);
+        }
         args
     }
 }
@@ -138,6 +148,12 @@ pub struct SandboxPaths {
     pub dir: PathBuf,
     pub vsock: PathBuf,
     pub console_log: PathBuf,
+    /// virtiofsd's vhost-user socket (only with a shared dir).
+    pub fs_socket: PathBuf,
+    /// The directory the guest sees over virtio-fs (only with a shared dir).
+    pub shared_dir: PathBuf,
+    /// virtiofsd's stderr.
+    pub virtiofsd_log: PathBuf,
 }
 
 impl SandboxPaths {
@@ -146,6 +162,9 @@ impl SandboxPaths {
         SandboxPaths {
             vsock: dir.join("vsock.sock"),
             console_log: dir.join("console.log"),
+            fs_socket: dir.join("fs.sock"),
+            shared_dir: dir.join("shared"),
+            virtiofsd_log: dir.join("virtiofsd.log"),
             dir,
         }
     }
@@ -218,6 +237,8 @@ pub enum VmError {
         stderr_tail: String,
         console_tail: String,
     },
+    #[error("shared directory: {0}")]
+    SharedFs(#[from] VirtiofsdError),
     #[error("waiting for the VMM failed: {0}")]
     Wait(#[source] std::io::Error),
 }
@@ -354,6 +375,8 @@ pub struct Vm {
     boot_timer: watch::Receiver<Option<BootTimer>>,
     ready_after: Duration,
     stop_timeout: Duration,
+    /// The shared directory's backend; killed on drop (before the directory goes).
+    virtiofsd: Option<Virtiofsd>,
     // Last: removed after the VMM has been killed in Drop.
     _dir: DirGuard,
 }
@@ -405,6 +428,18 @@ impl Vm {
             }
         }
         let dir = DirGuard(paths.dir.clone());
+        let virtiofsd = match &config.shared_fs {
+            Some(fs) => Some(
+                Virtiofsd::spawn(
+                    fs,
+                    &paths.fs_socket,
+                    &paths.shared_dir,
+                    &paths.virtiofsd_log,
+                )
+                .await?,
+            ),
+            None => None,
+        };
 
         let args = config.vmm_args(&paths);
         tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), ?args, "starting VM");
@@ -460,6 +495,7 @@ impl Vm {
                     boot_timer: timer_rx,
                     ready_after,
                     stop_timeout: config.stop_timeout,
+                    virtiofsd,
                     _dir: dir,
                 })
             }
@@ -504,6 +540,13 @@ impl Vm {
 
     pub fn paths(&self) -> &SandboxPaths {
         &self.paths
+    }
+
+    /// The host directory the guest sees over virtio-fs (tag `config.shared_fs.tag`), if configured.
+    pub fn shared_dir(&self) -> Option<&Path> {
+        self.virtiofsd
+            .as_ref()
+            .map(|_| self.paths.shared_dir.as_path())
     }
 
     /// VMM spawn → first Check answer.
@@ -575,6 +618,10 @@ impl Vm {
         };
         if let Some(task) = self.stderr_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        if let Some(v) = self.virtiofsd.take() {
+            // It exits by itself once the VMM is gone.
+            v.stop(Duration::from_secs(2)).await;
         }
         tracing::info!(sandbox = %self.id, %status, ?path, "VM stopped");
         Ok(VmExit {
@@ -661,6 +708,23 @@ mod tests {
             args[i + 1],
             "console=ttyS0 reboot=k panic=-1 quiet capsa.marker=1"
         );
+    }
+
+    #[test]
+    fn vmm_command_line_with_shared_dir() {
+        let mut c = VmConfig::new("/v".into(), "/k".into(), None);
+        c.shared_fs = Some(SharedFsConfig::new("/usr/libexec/virtiofsd".into()));
+        let p = SandboxPaths::new(Path::new("/run/capsa"), "sb");
+        let args: Vec<String> = c
+            .vmm_args(&p)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let i = args.iter().position(|a| a == "--fs").unwrap();
+        assert_eq!(args[i + 1], "tag=capsa-shared,socket=/run/capsa/sb/fs.sock");
+        assert_eq!(p.shared_dir, Path::new("/run/capsa/sb/shared"));
+        c.shared_fs = None;
+        assert!(!c.vmm_args(&p).iter().any(|a| a == "--fs"));
     }
 
     fn fake_files(dir: &Path) -> VmConfig {

@@ -68,6 +68,20 @@ pub enum FsError {
     Socket(std::io::Error),
 }
 
+/// Connects to the backend, retrying briefly while it has bound its socket but not yet listens.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let mut tries = 0;
+    loop {
+        match UnixStream::connect(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The virtio-fs config space for `tag` and `request_queues`.
 pub fn config_space(tag: &str, request_queues: u32) -> [u8; CONFIG_SPACE_SIZE] {
     let mut config = [0u8; CONFIG_SPACE_SIZE];
@@ -102,7 +116,7 @@ impl Fs {
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
         let path = config.socket.display().to_string();
         let num_queues = 1 + usize::from(config.queues);
-        let stream = UnixStream::connect(&config.socket).map_err(|source| FsError::Connect {
+        let stream = connect(&config.socket).map_err(|source| FsError::Connect {
             path: path.clone(),
             source,
         })?;
