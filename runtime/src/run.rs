@@ -362,7 +362,11 @@ async fn attach(
             if let Err(e) = pump_input(tokio::io::stdin(), write, never).await {
                 tracing::debug!(error = %e, "stdin copy ended");
             }
-            let _ = sb.close_stdin(&cid, "").await;
+            // A terminal has no end of input of its own (^D is a byte the user types); closing it
+            // would hang up the container's shell when stdin is not a terminal.
+            if !tty {
+                let _ = sb.close_stdin(&cid, "").await;
+            }
         })
     };
 
