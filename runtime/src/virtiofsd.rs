@@ -4,6 +4,13 @@
 //! dir>/shared ...` and returns once the socket accepts connections; capsa-vmm then connects to it
 //! (`--fs tag=<tag>,socket=<sock>`). virtiofsd serves exactly one frontend and exits when it disconnects,
 //! so it normally ends with the VMM; [`Virtiofsd::stop`] (and dropping) kills it if it has not.
+//!
+//! Later mounts: with `--sandbox namespace` virtiofsd works in a private copy of the mount table, so a rootfs
+//! mounted under the shared dir after it started (a pod's second container) would stay invisible where `/`
+//! is not a shared mount (the test host). So the shared dir is first bind-mounted onto itself with shared
+//! propagation: virtiofsd's copy becomes its slave and receives every later mount. Stopping detaches it
+//! (`MNT_DETACH`, taking whatever is still mounted below with it), so removing the sandbox directory never
+//! reaches into a container's rootfs.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -127,6 +134,35 @@ pub struct Virtiofsd {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    /// The shared dir when it was made a shared-propagation mount point (unmounted on stop/drop).
+    propagation_mount: Option<PathBuf>,
+}
+
+/// Bind-mounts `dir` onto itself and marks it MS_SHARED; false (logged) when that is not possible.
+fn make_propagating_mount(dir: &Path) -> bool {
+    use nix::mount::{mount, MsFlags};
+    let bind = mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    if let Err(e) = bind {
+        tracing::warn!(dir = %dir.display(), error = %e,
+            "cannot bind-mount the shared dir; mounts made under it after start stay invisible to the guest");
+        return false;
+    }
+    if let Err(e) = mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    ) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot make the shared dir a shared mount");
+    }
+    true
+}
+
+fn detach(dir: &Path) {
+    if let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot unmount the shared dir");
+    }
 }
 
 impl Virtiofsd {
@@ -149,6 +185,11 @@ impl Virtiofsd {
             binary: config.virtiofsd.clone(),
             source,
         })?;
+        let propagation_mount = (config.sandbox == SandboxMode::Namespace
+            && make_propagating_mount(shared_dir))
+        .then(|| shared_dir.to_path_buf());
+        // Undo the mount on every early return.
+        let guard = MountGuard(propagation_mount.clone());
         let args = config.args(socket, shared_dir);
         tracing::debug!(virtiofsd = %config.virtiofsd.display(), ?args, "starting virtiofsd");
         let mut child = Command::new(&config.virtiofsd)
@@ -185,10 +226,12 @@ impl Virtiofsd {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tracing::debug!(socket = %socket.display(), pid = child.id(), "virtiofsd listening");
+        std::mem::forget(guard);
         Ok(Virtiofsd {
             child,
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
+            propagation_mount,
         })
     }
 
@@ -213,6 +256,29 @@ impl Virtiofsd {
                 tracing::debug!("virtiofsd still running: killing it");
                 let _ = self.child.kill().await;
             }
+        }
+        if let Some(dir) = self.propagation_mount.take() {
+            detach(&dir);
+        }
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if let Some(dir) = self.propagation_mount.take() {
+            detach(&dir);
+        }
+    }
+}
+
+/// Detaches the propagation mount if `spawn` fails after making it.
+struct MountGuard(Option<PathBuf>);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            detach(&dir);
         }
     }
 }
@@ -257,10 +323,21 @@ mod tests {
             .await
             .unwrap();
         assert!(d.join("shared").is_dir());
+        let shared = d.join("shared").canonicalize().unwrap();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .any(|l| l.split(' ').nth(4) == shared.to_str())
+        };
+        let root = nix::unistd::geteuid().is_root();
+        // As root the shared dir is a (shared-propagation) mount point while virtiofsd runs.
+        assert_eq!(mounted(), root);
         let pid = v.pid().unwrap();
         let t = Instant::now();
         v.stop(Duration::from_millis(50)).await;
         assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!mounted(), "shared dir still mounted after stop");
         assert!(
             !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
                 // A zombie until reaped is fine; `kill().await` reaps it.

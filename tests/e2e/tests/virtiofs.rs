@@ -1,8 +1,8 @@
 //! virtio-fs end to end: the runtime starts virtiofsd on `<sandbox dir>/shared`, capsa-vmm serves it to the
 //! guest as a vhost-user virtio-fs device, the agent mounts it (AddStorages, driver virtio-fs) and runs
 //! containers whose rootfs lives in the shared directory. Checks both directions (host file read in the
-//! guest, guest write seen on the host), a file added on the host after boot (the second-container case),
-//! and that the VM survives virtiofsd dying.
+//! guest, guest write seen on the host), a file added and a directory mounted on the host after boot (the
+//! second-container case), and that the VM survives virtiofsd dying.
 //!
 //! Gated on `CAPSA_E2E=1` like the other real-guest suites; needs `build/virtiofsd` (`make virtiofsd`) or
 //! `CAPSA_VIRTIOFSD`, and Debian's busybox-static at /bin/busybox.
@@ -199,6 +199,29 @@ async fn shared_dir_over_virtio_fs() {
     assert_eq!(
         (out.as_str(), status),
         ("added after boot\n", 0),
+        "stderr: {err}"
+    );
+
+    // A directory mounted on the host under the shared dir after boot (how a pod's second container gets
+    // its rootfs): virtiofsd's namespace must receive the mount.
+    let src = root.path().join("late-mount-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("m.txt"), "through a later mount\n").unwrap();
+    let target = rootfs.join("mnt2");
+    std::fs::create_dir_all(&target).unwrap();
+    nix::mount::mount(
+        Some(&src),
+        &target,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount under the shared dir");
+    let (out, err, status) = run(&client, "c2m", &["cat", "/mnt2/m.txt"], &guest_rootfs).await;
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).expect("umount");
+    assert_eq!(
+        (out.as_str(), status),
+        ("through a later mount\n", 0),
         "stderr: {err}"
     );
 
