@@ -6,6 +6,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_PERFMON: u32 = 0xa;
+const LEAF_XSAVE: u32 = 0xd;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
@@ -90,6 +91,13 @@ pub fn filter_entries(
                 e.ecx = 0;
                 e.edx = 0;
             }
+            // EBX of subleaf 0 is the XSAVE area size for the features enabled in XCR0. KVM fills it for the
+            // vCPU's reset XCR0 (x87|SSE) and, nested, does not always refresh it once the guest enables
+            // every feature in EAX; Linux then warns "XSAVE consistency problem". The guest enables all of
+            // them, so give the size for all of them (ECX) up front.
+            LEAF_XSAVE if e.index == 0 => {
+                e.ebx = e.ecx;
+            }
             // Rebuilt below.
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
             LEAF_EXT_ADDR_SIZES => {
@@ -142,6 +150,19 @@ mod tests {
             edx,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn xsave_size_covers_every_supported_feature() {
+        let supported = vec![
+            entry(0xd, 0, 0x7, 0x240, 0x340, 0),
+            entry(0xd, 2, 0x100, 0x240, 0, 0),
+        ];
+        let out = filter_entries(&supported, 0, 1);
+        let sub0 = out.iter().find(|e| e.function == 0xd && e.index == 0).unwrap();
+        assert_eq!(sub0.ebx, 0x340);
+        let sub2 = out.iter().find(|e| e.function == 0xd && e.index == 2).unwrap();
+        assert_eq!((sub2.eax, sub2.ebx), (0x100, 0x240), "component leaves untouched");
     }
 
     #[test]
