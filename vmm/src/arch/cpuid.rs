@@ -159,10 +159,20 @@ mod tests {
             entry(0xd, 2, 0x100, 0x240, 0, 0),
         ];
         let out = filter_entries(&supported, 0, 1);
-        let sub0 = out.iter().find(|e| e.function == 0xd && e.index == 0).unwrap();
+        let sub0 = out
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .unwrap();
         assert_eq!(sub0.ebx, 0x340);
-        let sub2 = out.iter().find(|e| e.function == 0xd && e.index == 2).unwrap();
-        assert_eq!((sub2.eax, sub2.ebx), (0x100, 0x240), "component leaves untouched");
+        let sub2 = out
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 2)
+            .unwrap();
+        assert_eq!(
+            (sub2.eax, sub2.ebx),
+            (0x100, 0x240),
+            "component leaves untouched"
+        );
     }
 
     #[test]
