@@ -70,6 +70,16 @@ pub fn guest_spec(spec_json: &[u8], cid: &str) -> Result<Vec<u8>, SandboxError> 
         .map_err(|e| SandboxError::InvalidArgument(format!("config.json: {e}")))?;
     let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
     spec["root"] = serde_json::json!({"path": guest_rootfs(cid), "readonly": readonly});
+    // Host-network pods share the node's UTS namespace, which in a VM is the guest's: its hostname
+    // comes from CreateSandbox, and libcontainer refuses a hostname without a private UTS namespace.
+    let has_uts = spec["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "uts"));
+    if !has_uts {
+        if let Some(obj) = spec.as_object_mut() {
+            obj.remove("hostname");
+        }
+    }
     if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
         mounts.retain(|m| {
             let bind = m["type"].as_str() == Some("bind")
@@ -559,7 +569,8 @@ mod tests {
                 {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/containerd/hosts", "options": ["rbind", "ro"]},
                 {"destination": "/etc/resolv.conf", "source": "/x", "options": ["bind"]}
             ],
-            "process": {"args": ["echo", "hello"]}
+            "process": {"args": ["echo", "hello"]},
+            "hostname": "h"
         });
         let out = guest_spec(spec.to_string().as_bytes(), "c1").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -573,6 +584,12 @@ mod tests {
             .collect();
         assert_eq!(dests, ["/proc"]);
         assert_eq!(v["process"]["args"][1], "hello");
+        assert!(v.get("hostname").is_none(), "no UTS namespace: no hostname");
+        let with_uts = serde_json::json!({"root": {"path": "rootfs"}, "hostname": "pod",
+            "linux": {"namespaces": [{"type": "uts"}]}});
+        let out = guest_spec(with_uts.to_string().as_bytes(), "c1").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["hostname"], "pod");
         assert!(matches!(
             guest_spec(b"{", "c1"),
             Err(SandboxError::InvalidArgument(_))
