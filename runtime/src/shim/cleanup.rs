@@ -70,6 +70,16 @@ pub fn cleanup(
             done.push(format!("killed orphaned VMM {pid}"));
         }
         if sandbox_dir.exists() {
+            // Containers' rootfs and bind mounts under the share (virtio-fs mode) come off first:
+            // removing the directory must never reach into a snapshot or a host file.
+            let d = sandbox_dir.to_string_lossy().into_owned();
+            match containerd_shim::mount::umount_recursive(Some(&d), libc::MNT_DETACH) {
+                Ok(()) => done.push(format!("unmounted everything under {d}")),
+                Err(e) => {
+                    done.push(format!("unmount under {d}: {e}; not removing it"));
+                    return done;
+                }
+            }
             match std::fs::remove_dir_all(&sandbox_dir) {
                 Ok(()) => done.push(format!("removed {}", sandbox_dir.display())),
                 Err(e) => done.push(format!("remove {}: {e}", sandbox_dir.display())),

@@ -11,6 +11,8 @@
 //! max_memory_mib = 8192
 //! kernel_params = ""                      # appended to the runtime's command line
 //! debug_console = false                   # guest console goes to the shim log when true
+//! rootfs_mode = "virtio-fs"               # or "block"; unset: virtio-fs when virtiofsd is found
+//! virtiofsd = "/usr/libexec/capsa/virtiofsd"  # unset: the workspace's build/virtiofsd, then this
 //!
 //! [runtime]
 //! log_level = "info"
@@ -69,6 +71,60 @@ pub struct HypervisorConfig {
     pub max_memory_mib: u64,
     pub kernel_params: String,
     pub debug_console: bool,
+    /// How containers' root file systems reach the guest; `None` = virtio-fs when virtiofsd is found.
+    pub rootfs_mode: Option<RootfsMode>,
+    /// The virtiofsd binary; `None` = [`default_virtiofsd`].
+    pub virtiofsd: Option<PathBuf>,
+}
+
+/// How a container's root file system reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum RootfsMode {
+    /// Bind-mounted under the sandbox's virtio-fs share (every container of a pod, and its bind mounts).
+    #[serde(rename = "virtio-fs")]
+    VirtioFs,
+    /// Copied into an ext4 image on virtio-blk (the pod's first container only; no bind mounts).
+    #[serde(rename = "block")]
+    Block,
+}
+
+/// virtiofsd next to the workspace (`build/virtiofsd` when running from `target/<profile>/`), else the
+/// installed one.
+pub fn default_virtiofsd() -> PathBuf {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    default_virtiofsd_from(exe_dir.as_deref())
+}
+
+fn default_virtiofsd_from(exe_dir: Option<&Path>) -> PathBuf {
+    let workspace = exe_dir
+        .and_then(|d| d.parent())
+        .and_then(|d| d.parent())
+        .map(|root| root.join("build/virtiofsd"));
+    let beside = exe_dir.map(|d| d.join("virtiofsd"));
+    [workspace, beside]
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(crate::virtiofsd::INSTALLED_VIRTIOFSD))
+}
+
+impl HypervisorConfig {
+    /// The root file system mode to use and, for virtio-fs, the virtiofsd binary. An explicit
+    /// `rootfs_mode = "virtio-fs"` without virtiofsd is an error; unset falls back to block.
+    pub fn resolve_rootfs_mode(&self) -> Result<(RootfsMode, Option<PathBuf>), ConfigError> {
+        let virtiofsd = self.virtiofsd.clone().unwrap_or_else(default_virtiofsd);
+        match self.rootfs_mode {
+            Some(RootfsMode::Block) => Ok((RootfsMode::Block, None)),
+            Some(RootfsMode::VirtioFs) if !virtiofsd.exists() => Err(ConfigError::Invalid(format!(
+                "hypervisor.rootfs_mode = \"virtio-fs\" but virtiofsd {} does not exist (set hypervisor.virtiofsd)",
+                virtiofsd.display()
+            ))),
+            _ if virtiofsd.exists() => Ok((RootfsMode::VirtioFs, Some(virtiofsd))),
+            _ => Ok((RootfsMode::Block, None)),
+        }
+    }
 }
 
 impl Default for HypervisorConfig {
@@ -83,6 +139,8 @@ impl Default for HypervisorConfig {
             max_memory_mib: 8192,
             kernel_params: String::new(),
             debug_console: false,
+            rootfs_mode: None,
+            virtiofsd: None,
         }
     }
 }
@@ -313,6 +371,49 @@ mod tests {
         // untouched keys keep their defaults
         assert_eq!(cfg.runtime.state_dir, PathBuf::from("/run/capsa"));
         assert_eq!(cfg.hypervisor.max_vcpus, 8);
+    }
+
+    #[test]
+    fn rootfs_mode_and_virtiofsd() {
+        let d = tempfile::tempdir().unwrap();
+        let vfsd = d.path().join("virtiofsd");
+        std::fs::write(&vfsd, "").unwrap();
+        let parse = |extra: &str| {
+            CapsaConfig::from_toml(&format!("[hypervisor]\n{extra}"), Path::new("t.toml"))
+                .map(|c| c.hypervisor)
+        };
+        let h = parse(&format!("virtiofsd = {:?}", vfsd.to_str().unwrap())).unwrap();
+        assert_eq!(h.rootfs_mode, None);
+        assert_eq!(
+            h.resolve_rootfs_mode().unwrap(),
+            (RootfsMode::VirtioFs, Some(vfsd.clone()))
+        );
+        let h = parse(&format!(
+            "rootfs_mode = \"block\"\nvirtiofsd = {:?}",
+            vfsd.to_str().unwrap()
+        ))
+        .unwrap();
+        assert_eq!(h.resolve_rootfs_mode().unwrap(), (RootfsMode::Block, None));
+        // Not found: unset falls back to block, explicit virtio-fs is an error naming the path.
+        let h = parse("virtiofsd = \"/no/virtiofsd\"").unwrap();
+        assert_eq!(h.resolve_rootfs_mode().unwrap(), (RootfsMode::Block, None));
+        let h = parse("rootfs_mode = \"virtio-fs\"\nvirtiofsd = \"/no/virtiofsd\"").unwrap();
+        let e = h.resolve_rootfs_mode().unwrap_err();
+        assert!(e.to_string().contains("/no/virtiofsd"), "{e}");
+        assert!(parse("rootfs_mode = \"nfs\"").is_err());
+        // The workspace's build/virtiofsd when running from target/<profile>/.
+        let exe_dir = d.path().join("target/release");
+        std::fs::create_dir_all(&exe_dir).unwrap();
+        assert_eq!(
+            default_virtiofsd_from(Some(&exe_dir)),
+            PathBuf::from(crate::virtiofsd::INSTALLED_VIRTIOFSD)
+        );
+        std::fs::create_dir_all(d.path().join("build")).unwrap();
+        std::fs::write(d.path().join("build/virtiofsd"), "").unwrap();
+        assert_eq!(
+            default_virtiofsd_from(Some(&exe_dir)),
+            d.path().join("build/virtiofsd")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod events;
 pub mod install;
 pub mod sandbox;
+pub mod shared_fs;
 pub mod stdio;
 pub mod task;
 pub mod vm_sandbox;

@@ -1,13 +1,16 @@
 //! The real [`Sandbox`]: a capsa microVM ([`crate::vm::Vm`]) and its agent.
 //!
-//! Root file system: capsa's VMM has no virtio-fs device yet, so the container's rootfs (the
-//! snapshot containerd mounted at `bundle/rootfs`, or a directory for `capsa run`) is copied into a
-//! sparse ext4 image (`mkfs.ext4 -d`) that the VM gets as its first virtio-blk disk (`/dev/vda`). The
-//! copy costs time at create and the container's writes stay in the image (they do not reach the
-//! snapshot). Disks are attached at boot only, so only the container that boots the VM gets a rootfs
-//! this way; a second container of a pod is refused with a clear error until virtio-fs or disk
-//! hot-plug exists.
+//! Root file systems reach the guest one of two ways (`hypervisor.rootfs_mode`):
+//! - virtio-fs (the default when virtiofsd is found): the VM boots with its sandbox directory's `shared/`
+//!   served by virtiofsd; CreateSandbox mounts it at [`GUEST_SHARED_DIR`] (and a tmpfs for the pod's
+//!   /dev/shm); each container's `bundle/rootfs` and host bind sources are bind-mounted under it
+//!   ([`super::shared_fs`]), so every container of a pod gets its rootfs, writes reach the snapshot, and
+//!   CRI's /etc/hosts, resolv.conf, hostname and termination-log are carried in.
+//! - block (fallback): the rootfs is copied into a sparse ext4 image (`mkfs.ext4 -d`) given to the VM as
+//!   `/dev/vda`. Disks attach at boot only, so only the container that boots the VM gets a rootfs; a
+//!   second container of a pod is refused, host bind mounts are dropped, writes stay in the image.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +21,12 @@ use capsa_proto::protobuf::EnumOrUnknown;
 use capsa_proto::ttrpc;
 use capsa_proto::AgentServiceClient;
 
-use super::config::{CapsaConfig, ContainerLimits};
+use super::config::{CapsaConfig, ContainerLimits, RootfsMode};
 use super::sandbox::{
     ContainerRequest, ContainerStats, ExitInfo, Sandbox, SandboxError, SandboxFactory,
 };
+use super::shared_fs::{shared_guest_spec, ContainerShare, GUEST_SHARED_DIR, GUEST_SHM_DIR};
+use crate::virtiofsd::SharedFsConfig;
 use crate::vm::{Disk, Vm, VmConfig};
 
 /// Where a container's rootfs storage is mounted in the guest (not under `/run/capsa/containers`,
@@ -162,18 +167,30 @@ impl SandboxFactory for VmFactory {
             .config
             .vm_size(&annotations, ContainerLimits::from_spec(&spec))
             .map_err(|e| SandboxError::InvalidArgument(e.to_string()))?;
+        let (mode, virtiofsd) = self
+            .config
+            .hypervisor
+            .resolve_rootfs_mode()
+            .map_err(|e| SandboxError::FailedPrecondition(e.to_string()))?;
         let image = first.bundle.join(ROOTFS_IMAGE);
-        build_rootfs_image(&first.rootfs, &image).await?;
+        if mode == RootfsMode::Block {
+            build_rootfs_image(&first.rootfs, &image).await?;
+        }
 
         let h = &self.config.hypervisor;
         let mut vm_config = VmConfig::new(h.path.clone(), h.kernel.clone(), h.initrd.clone());
         vm_config.vcpus = size.vcpus;
         vm_config.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vm_config.run_root = self.config.runtime.state_dir.clone();
-        vm_config.disks = vec![Disk {
-            path: image.clone(),
-            readonly: false,
-        }];
+        match &virtiofsd {
+            Some(v) => vm_config.shared_fs = Some(SharedFsConfig::new(v.clone())),
+            None => {
+                vm_config.disks = vec![Disk {
+                    path: image.clone(),
+                    readonly: false,
+                }]
+            }
+        }
         if !h.kernel_params.is_empty() {
             vm_config.extra_cmdline = h
                 .kernel_params
@@ -185,6 +202,7 @@ impl SandboxFactory for VmFactory {
             sandbox = sandbox_id,
             vcpus = size.vcpus,
             memory_mib = size.memory_mib,
+            rootfs_mode = ?mode,
             "booting sandbox VM"
         );
         let vm = Vm::start(&vm_config, sandbox_id).await.map_err(|e| {
@@ -192,26 +210,55 @@ impl SandboxFactory for VmFactory {
             SandboxError::Internal(format!("boot sandbox VM: {e}"))
         })?;
         let client = vm.agent().raw().clone();
+        let shared_dir = vm.shared_dir().map(Path::to_path_buf);
+        let storages = if shared_dir.is_some() {
+            sandbox_storages()
+        } else {
+            Vec::new()
+        };
         let req = agent::CreateSandboxRequest {
             sandbox_id: sandbox_id.to_owned(),
             hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
+            storages: storages.clone(),
             ..Default::default()
         };
-        match client.create_sandbox(short(), &req).await {
-            Ok(_) => {}
+        let created = match client.create_sandbox(short(), &req).await {
+            Ok(_) => Ok(()),
             // An agent without pod support still runs standalone containers.
-            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {}
-            Err(e) => {
-                let _ = vm.stop().await;
-                return Err(map_err("CreateSandbox", e));
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {
+                if storages.is_empty() {
+                    Ok(())
+                } else {
+                    let r = agent::AddStoragesRequest {
+                        storages,
+                        ..Default::default()
+                    };
+                    client
+                        .add_storages(short(), &r)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| map_err("AddStorages (virtio-fs share)", e))
+                }
             }
+            Err(e) => Err(map_err("CreateSandbox", e)),
+        };
+        if let Err(e) = created {
+            let _ = vm.stop().await;
+            let _ = std::fs::remove_file(&image);
+            return Err(e);
         }
         Ok(Arc::new(VmSandbox {
             pid: vm.pid(),
             client,
             vm: tokio::sync::Mutex::new(Some(vm)),
             first_container: first.container_id.clone(),
-            images: std::sync::Mutex::new(vec![image]),
+            images: std::sync::Mutex::new(if mode == RootfsMode::Block {
+                vec![image]
+            } else {
+                Vec::new()
+            }),
+            shared_dir,
+            shares: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -223,15 +270,95 @@ pub struct VmSandbox {
     pid: u32,
     first_container: String,
     images: std::sync::Mutex<Vec<PathBuf>>,
+    /// The host side of the virtio-fs share (virtio-fs mode), else `None`.
+    shared_dir: Option<PathBuf>,
+    /// What each container has under the share; released on remove and shutdown (and when dropped).
+    shares: std::sync::Mutex<HashMap<String, ContainerShare>>,
+}
+
+/// The storages CreateSandbox mounts in virtio-fs mode: the share, and a tmpfs for the pod's /dev/shm.
+pub fn sandbox_storages() -> Vec<agent::Storage> {
+    vec![
+        agent::Storage {
+            driver: EnumOrUnknown::new(agent::StorageDriver::STORAGE_DRIVER_VIRTIO_FS),
+            source: crate::virtiofsd::DEFAULT_TAG.into(),
+            fstype: "virtiofs".into(),
+            mount_point: GUEST_SHARED_DIR.into(),
+            ..Default::default()
+        },
+        agent::Storage {
+            driver: EnumOrUnknown::new(agent::StorageDriver::STORAGE_DRIVER_TMPFS),
+            source: "shm".into(),
+            fstype: "tmpfs".into(),
+            options: ["nosuid", "nodev", "noexec", "mode=1777", "size=65536k"]
+                .map(String::from)
+                .to_vec(),
+            mount_point: GUEST_SHM_DIR.into(),
+            ..Default::default()
+        },
+    ]
+}
+
+impl VmSandbox {
+    fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<String, ContainerShare>> {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Unmounts and removes container `cid`'s part of the share, if it has one.
+    async fn release_share(&self, cid: &str) {
+        let share = self.shares().remove(cid);
+        if let Some(share) = share {
+            let _ = tokio::task::spawn_blocking(move || share.release()).await;
+        }
+    }
+
+    async fn create_shared(
+        &self,
+        shared_dir: &Path,
+        req: ContainerRequest,
+    ) -> Result<(), SandboxError> {
+        let cid = req.container_id.clone();
+        if self.shares().contains_key(&cid) {
+            return Err(SandboxError::AlreadyExists(format!("container {cid}")));
+        }
+        let spec = shared_guest_spec(&req.spec_json, &cid)?;
+        let (dir, id, rootfs, binds) = (
+            shared_dir.to_path_buf(),
+            cid.clone(),
+            req.rootfs.clone(),
+            spec.binds.clone(),
+        );
+        let share =
+            tokio::task::spawn_blocking(move || ContainerShare::create(&dir, &id, &rootfs, &binds))
+                .await
+                .map_err(|e| SandboxError::Internal(e.to_string()))??;
+        let r = agent::CreateContainerRequest {
+            container_id: cid.clone(),
+            exec_id: cid.clone(),
+            oci_spec_json: spec.json,
+            ..Default::default()
+        };
+        if let Err(e) = self.client.create_container(short(), &r).await {
+            let _ = tokio::task::spawn_blocking(move || share.release()).await;
+            return Err(map_err("CreateContainer", e));
+        }
+        tracing::info!(container = %cid, binds = spec.binds.len(), dropped = spec.dropped.len(),
+            "container created on the virtio-fs share");
+        self.shares().insert(cid, share);
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Sandbox for VmSandbox {
     async fn create_container(&self, req: ContainerRequest) -> Result<(), SandboxError> {
+        if let Some(dir) = self.shared_dir.clone() {
+            return self.create_shared(&dir, req).await;
+        }
         let cid = req.container_id.clone();
         if cid != self.first_container {
             return Err(SandboxError::Unimplemented(format!(
-                "container {cid}: a second container in a pod needs a shared file system (virtio-fs) or disk hot-plug, which capsa's VMM does not have yet"
+                "container {cid}: a second container in a pod needs rootfs_mode = \"virtio-fs\" (block mode attaches the rootfs image at boot only)"
             )));
         }
         let storage = agent::Storage {
@@ -273,11 +400,20 @@ impl Sandbox for VmSandbox {
             timeout_secs: 0,
             ..Default::default()
         };
-        self.client
+        let result = self
+            .client
             .remove_container(short(), &r)
             .await
-            .map_err(|e| map_err("RemoveContainer", e))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| map_err("RemoveContainer", e));
+        match &result {
+            // The container is gone from the guest: its files can go from the share.
+            Ok(()) | Err(SandboxError::NotFound(_)) | Err(SandboxError::VmGone(_)) => {
+                self.release_share(cid).await
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     async fn exec_process(
@@ -539,6 +675,16 @@ impl Sandbox for VmSandbox {
     }
 
     async fn shutdown(&self) -> Result<(), SandboxError> {
+        // Containers' mounts come off first: stopping the VM removes the sandbox directory.
+        let shares: Vec<ContainerShare> = self.shares().drain().map(|(_, s)| s).collect();
+        if !shares.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for s in shares {
+                    s.release();
+                }
+            })
+            .await;
+        }
         let vm = self.vm.lock().await.take();
         let result = match vm {
             Some(vm) => vm

@@ -1,0 +1,641 @@
+//! Containers' files through the sandbox's virtio-fs share (`rootfs_mode = "virtio-fs"`).
+//!
+//! The VM boots with `<sandbox dir>/shared` shared over virtio-fs; the agent mounts it once per sandbox at
+//! [`GUEST_SHARED_DIR`]. For every container (the first and later ones) the shim bind-mounts
+//! `bundle/rootfs` (the snapshot containerd mounted) at `<shared>/<cid>/rootfs`, and the host sources of
+//! the spec's bind mounts (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname, termination-log, volumes) at
+//! `<shared>/<cid>/mounts/<n>`; the spec the agent gets names the guest paths. `/dev/shm` binds become
+//! binds of the pod's guest tmpfs ([`GUEST_SHM_DIR`]); sources under /proc, /sys, /dev, and sockets or
+//! devices are dropped (logged): they name the host kernel, not the guest's.
+//!
+//! The guest can write into the shared directory, so the host never follows a path it could have
+//! planted: directories are created and opened with `mkdirat`/`openat(O_NOFOLLOW)` relative to
+//! descriptors the shim holds, mounts go onto `/proc/self/fd/N`, unmounts go through a descriptor of the
+//! mount itself, and removal is `unlinkat` on those descriptors (never recursive).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+use serde_json::Value;
+
+use super::sandbox::SandboxError;
+
+/// Where the agent mounts the sandbox's virtio-fs share.
+pub const GUEST_SHARED_DIR: &str = "/run/capsa/shared";
+/// The pod's /dev/shm in the guest: a tmpfs storage mounted at CreateSandbox, bound into every container
+/// whose spec binds a host /dev/shm (CRI's sandbox shm), so the pod's containers share it as on a node.
+pub const GUEST_SHM_DIR: &str = "/run/capsa/pod-shm";
+
+/// Bind sources under these name the host kernel: no meaning in the guest.
+const HOST_ONLY: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// `<GUEST_SHARED_DIR>/<cid>`.
+pub fn guest_container_dir(cid: &str) -> String {
+    format!("{GUEST_SHARED_DIR}/{cid}")
+}
+
+/// The container's root file system as the guest sees it.
+pub fn guest_shared_rootfs(cid: &str) -> String {
+    format!("{}/rootfs", guest_container_dir(cid))
+}
+
+/// A container id becomes one path component.
+pub fn check_container_id(cid: &str) -> Result<(), SandboxError> {
+    if cid.is_empty()
+        || cid == "."
+        || cid == ".."
+        || cid.contains('/')
+        || cid.contains('\0')
+        || cid.len() > 255
+    {
+        return Err(SandboxError::InvalidArgument(format!(
+            "container id {cid:?} cannot name a directory"
+        )));
+    }
+    Ok(())
+}
+
+/// A host path to bind into the guest at `<shared>/<cid>/mounts/<index>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    pub index: usize,
+    pub source: PathBuf,
+    /// A directory (else a regular file).
+    pub dir: bool,
+}
+
+/// The spec for the guest and what the host must share for it.
+#[derive(Debug, Clone)]
+pub struct SharedSpec {
+    pub json: Vec<u8>,
+    pub binds: Vec<HostBind>,
+    /// `destination (source): why` of each bind mount left out.
+    pub dropped: Vec<String>,
+}
+
+fn is_bind(m: &Value) -> bool {
+    m["type"].as_str() == Some("bind")
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Whether a bind source can be shared: Ok(is a directory), or why not.
+fn classify(src: &Path) -> Result<bool, String> {
+    if !src.is_absolute() {
+        return Err("relative source".into());
+    }
+    if HOST_ONLY.iter().any(|p| src.starts_with(p)) {
+        return Err("a host kernel interface, meaningless in the VM".into());
+    }
+    let md = std::fs::metadata(src).map_err(|e| format!("not on the host: {e}"))?;
+    if md.is_dir() {
+        Ok(true)
+    } else if md.is_file() {
+        Ok(false)
+    } else {
+        Err("not a regular file or directory (socket, fifo or device)".into())
+    }
+}
+
+/// Rewrites containerd's spec for a container whose files come through the share: the root becomes
+/// [`guest_shared_rootfs`], host bind mounts point into `<guest dir>/mounts/<n>` (returned as
+/// [`HostBind`]s to set up), `/dev/shm` binds point at [`GUEST_SHM_DIR`], host-only binds are dropped.
+/// Namespaces stay as containerd wrote them: the agent maps CRI's `/proc/<pid>/ns/{ipc,uts}` paths to
+/// the pod's namespaces in the guest, drops network (the VM is the pod's network) and gives fresh ones
+/// for the rest.
+pub fn shared_guest_spec(spec_json: &[u8], cid: &str) -> Result<SharedSpec, SandboxError> {
+    check_container_id(cid)?;
+    let mut spec: Value = serde_json::from_slice(spec_json)
+        .map_err(|e| SandboxError::InvalidArgument(format!("config.json: {e}")))?;
+    if !spec.is_object() {
+        return Err(SandboxError::InvalidArgument(
+            "config.json is not an object".into(),
+        ));
+    }
+    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
+    spec["root"] = serde_json::json!({"path": guest_shared_rootfs(cid), "readonly": readonly});
+    // Host-network pods share the node's UTS namespace, which in a VM is the guest's: its hostname comes
+    // from CreateSandbox, and libcontainer refuses a hostname without a private UTS namespace.
+    let has_uts = spec["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "uts"));
+    if !has_uts {
+        if let Some(obj) = spec.as_object_mut() {
+            obj.remove("hostname");
+        }
+    }
+    let mut binds = Vec::new();
+    let mut dropped = Vec::new();
+    if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        let old = std::mem::take(mounts);
+        for mut m in old {
+            if !is_bind(&m) {
+                mounts.push(m);
+                continue;
+            }
+            let dest = m["destination"].as_str().unwrap_or_default().to_owned();
+            let src = PathBuf::from(m["source"].as_str().unwrap_or_default());
+            if Path::new(&dest) == Path::new("/dev/shm") {
+                m["source"] = GUEST_SHM_DIR.into();
+                mounts.push(m);
+                continue;
+            }
+            match classify(&src) {
+                Ok(dir) => {
+                    let index = binds.len();
+                    m["source"] = format!("{}/mounts/{index}", guest_container_dir(cid)).into();
+                    binds.push(HostBind {
+                        index,
+                        source: src,
+                        dir,
+                    });
+                    mounts.push(m);
+                }
+                Err(why) => {
+                    tracing::warn!(container = cid, destination = %dest, source = %src.display(),
+                        reason = %why, "dropping a bind mount the VM cannot have");
+                    dropped.push(format!("{dest} ({}): {why}", src.display()));
+                }
+            }
+        }
+    }
+    let json = serde_json::to_vec(&spec).map_err(|e| SandboxError::Internal(e.to_string()))?;
+    Ok(SharedSpec {
+        json,
+        binds,
+        dropped,
+    })
+}
+
+fn io_err(what: String, e: nix::Error) -> SandboxError {
+    SandboxError::Internal(format!("{what}: {e}"))
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// The mount id of the file `fd` refers to (from /proc/self/fdinfo).
+fn mnt_id(fd: &OwnedFd) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn open_at(dir: &OwnedFd, name: &str, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates directory `name` in `dir` (it must not exist) and opens it without following symlinks.
+fn mkdir_at(dir: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
+    nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(0o755))?;
+    open_at(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+}
+
+/// Something created under the container's directory, removed in reverse order.
+#[derive(Debug)]
+struct Created {
+    /// Index into `ContainerShare::dirs` of the parent (`None` = the shared dir itself).
+    parent: Option<usize>,
+    name: String,
+    dir: bool,
+}
+
+/// A live mount: a descriptor of the mount's root, so unmounting reaches exactly it.
+#[derive(Debug)]
+struct Mounted {
+    fd: OwnedFd,
+    what: String,
+}
+
+/// What one container has under the shared dir; everything is undone by [`ContainerShare::release`]
+/// or when dropped.
+#[derive(Debug)]
+pub struct ContainerShare {
+    cid: String,
+    shared: Option<OwnedFd>,
+    dirs: Vec<OwnedFd>,
+    created: Vec<Created>,
+    mounts: Vec<Mounted>,
+}
+
+impl ContainerShare {
+    /// Bind-mounts `rootfs` at `<shared_dir>/<cid>/rootfs` and each bind's source at
+    /// `<shared_dir>/<cid>/mounts/<n>`. On error everything done so far is undone.
+    pub fn create(
+        shared_dir: &Path,
+        cid: &str,
+        rootfs: &Path,
+        binds: &[HostBind],
+    ) -> Result<ContainerShare, SandboxError> {
+        check_container_id(cid)?;
+        let shared = nix::fcntl::open(
+            shared_dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(format!("open shared dir {}", shared_dir.display()), e))?;
+        // SAFETY: open returned a new descriptor that nothing else owns.
+        let shared = unsafe { OwnedFd::from_raw_fd(shared) };
+        let mut share = ContainerShare {
+            cid: cid.to_owned(),
+            shared: Some(shared),
+            dirs: Vec::new(),
+            created: Vec::new(),
+            mounts: Vec::new(),
+        };
+        // On error `share` drops here and undoes what it did.
+        share.build(rootfs, binds)?;
+        Ok(share)
+    }
+
+    fn shared_fd(&self) -> Result<&OwnedFd, SandboxError> {
+        self.shared
+            .as_ref()
+            .ok_or_else(|| SandboxError::Internal("container share already released".into()))
+    }
+
+    /// mkdirat `name` under `parent` (None = shared dir), recorded for removal; returns its index.
+    fn make_dir(&mut self, parent: Option<usize>, name: &str) -> Result<usize, SandboxError> {
+        let pfd = match parent {
+            Some(i) => &self.dirs[i],
+            None => self.shared_fd()?,
+        };
+        let fd = mkdir_at(pfd, name).map_err(|e| {
+            if e == nix::Error::EEXIST {
+                SandboxError::AlreadyExists(format!(
+                    "container {}: {name} in the shared dir",
+                    self.cid
+                ))
+            } else {
+                io_err(format!("container {}: create {name}", self.cid), e)
+            }
+        })?;
+        self.created.push(Created {
+            parent,
+            name: name.to_owned(),
+            dir: true,
+        });
+        self.dirs.push(fd);
+        Ok(self.dirs.len() - 1)
+    }
+
+    fn build(&mut self, rootfs: &Path, binds: &[HostBind]) -> Result<(), SandboxError> {
+        let cid = self.cid.clone();
+        let top = self.make_dir(None, &cid)?;
+        let root_dir = self.make_dir(Some(top), "rootfs")?;
+        let target = fd_path(&self.dirs[root_dir]);
+        self.bind(rootfs, &target, top, "rootfs", true)?;
+        if binds.is_empty() {
+            return Ok(());
+        }
+        let mounts = self.make_dir(Some(top), "mounts")?;
+        for b in binds {
+            let name = b.index.to_string();
+            if b.dir {
+                let d = self.make_dir(Some(mounts), &name)?;
+                let target = fd_path(&self.dirs[d]);
+                self.bind(&b.source, &target, mounts, &name, true)?;
+            } else {
+                let f = open_at(
+                    &self.dirs[mounts],
+                    &name,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+                    Mode::from_bits_truncate(0o644),
+                )
+                .map_err(|e| io_err(format!("container {cid}: create mounts/{name}"), e))?;
+                self.created.push(Created {
+                    parent: Some(mounts),
+                    name: name.clone(),
+                    dir: false,
+                });
+                self.bind(&b.source, &fd_path(&f), mounts, &name, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds `source` onto `target` (a /proc/self/fd path), then keeps a descriptor of the new mount
+    /// (looked up as `name` in `dirs[parent]`, checked to be a different mount than its parent).
+    fn bind(
+        &mut self,
+        source: &Path,
+        target: &Path,
+        parent: usize,
+        name: &str,
+        dir: bool,
+    ) -> Result<(), SandboxError> {
+        let what = format!("{} on {}/{name}", source.display(), self.cid);
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| io_err(format!("bind-mount {what}"), e))?;
+        let mut flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+        if dir {
+            flags |= OFlag::O_DIRECTORY;
+        }
+        let pfd = &self.dirs[parent];
+        let fd = open_at(pfd, name, flags, Mode::empty());
+        let fd = match fd {
+            Ok(fd) if mnt_id(&fd).is_some() && mnt_id(&fd) != mnt_id(pfd) => fd,
+            other => {
+                // Someone replaced the entry between mount and open: take the mount off through the
+                // target descriptor and give up.
+                let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+                return Err(SandboxError::Internal(format!(
+                    "bind-mount {what}: the mount point changed under us ({:?})",
+                    other.err()
+                )));
+            }
+        };
+        // The guest-facing copy only receives: nothing mounted under it propagates back to the host's
+        // snapshot mount.
+        if let Err(e) = nix::mount::mount(
+            None::<&str>,
+            &fd_path(&fd),
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ) {
+            tracing::debug!(what, error = %e, "cannot make the bind mount a slave");
+        }
+        self.mounts.push(Mounted { fd, what });
+        Ok(())
+    }
+
+    /// Unmounts and removes everything; returns what failed (also logged).
+    pub fn release(mut self) -> Vec<String> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = nix::mount::umount2(&fd_path(&m.fd), MntFlags::MNT_DETACH) {
+                // EINVAL: no longer a mount (the shared dir went first, taking it along).
+                if e != nix::Error::EINVAL {
+                    errors.push(format!("unmount {}: {e}", m.what));
+                }
+            }
+        }
+        while let Some(c) = self.created.pop() {
+            let pfd = match c.parent {
+                Some(i) => self.dirs.get(i),
+                None => self.shared.as_ref(),
+            };
+            let Some(pfd) = pfd else { continue };
+            let flag = if c.dir {
+                UnlinkatFlags::RemoveDir
+            } else {
+                UnlinkatFlags::NoRemoveDir
+            };
+            if let Err(e) = nix::unistd::unlinkat(Some(pfd.as_raw_fd()), c.name.as_str(), flag) {
+                // A directory the guest wrote into is left (never removed recursively).
+                if e != nix::Error::ENOENT {
+                    errors.push(format!("remove {}/{}: {e}", self.cid, c.name));
+                }
+            }
+        }
+        self.dirs.clear();
+        self.shared = None;
+        for e in &errors {
+            tracing::warn!(container = %self.cid, error = %e, "container share cleanup");
+        }
+        errors
+    }
+}
+
+impl Drop for ContainerShare {
+    fn drop(&mut self) {
+        if !self.mounts.is_empty() || !self.created.is_empty() {
+            self.undo();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cri_spec(dir: &Path) -> Value {
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::write(dir.join("resolv.conf"), "nameserver 10.0.0.10\n").unwrap();
+        std::fs::create_dir_all(dir.join("volume")).unwrap();
+        json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "pod-a",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": dir.join("hosts"), "options": ["rbind", "rprivate", "rw"]},
+                {"destination": "/etc/resolv.conf", "source": dir.join("resolv.conf"), "options": ["bind", "ro"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/x/shm", "options": ["rbind"]},
+                {"destination": "/data", "type": "bind", "source": dir.join("volume"), "options": ["rbind"]},
+                {"destination": "/sys/fs/cgroup", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind"]},
+                {"destination": "/gone", "type": "bind", "source": dir.join("missing"), "options": ["rbind"]},
+                {"destination": "/rel", "type": "bind", "source": "relative", "options": ["rbind"]}
+            ],
+            "process": {"args": ["sleep", "1"]},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"},
+                {"type": "network", "path": "/proc/42/ns/net"}
+            ]}
+        })
+    }
+
+    #[test]
+    fn spec_points_into_the_share() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = cri_spec(d.path());
+        let out = shared_guest_spec(spec.to_string().as_bytes(), "c1").unwrap();
+        let v: Value = serde_json::from_slice(&out.json).unwrap();
+        assert_eq!(v["root"]["path"], "/run/capsa/shared/c1/rootfs");
+        assert_eq!(v["root"]["readonly"], true);
+        let mounts: Vec<(String, String)> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["destination"].as_str().unwrap().to_owned(),
+                    m["source"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let expect = [
+            ("/proc", "proc"),
+            ("/etc/hosts", "/run/capsa/shared/c1/mounts/0"),
+            ("/etc/resolv.conf", "/run/capsa/shared/c1/mounts/1"),
+            ("/dev/shm", GUEST_SHM_DIR),
+            ("/data", "/run/capsa/shared/c1/mounts/2"),
+        ];
+        let expect: Vec<(String, String)> = expect
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(mounts, expect);
+        // Options are kept (the guest applies ro etc.).
+        assert_eq!(v["mounts"][2]["options"], json!(["bind", "ro"]));
+        assert_eq!(
+            out.binds,
+            vec![
+                HostBind {
+                    index: 0,
+                    source: d.path().join("hosts"),
+                    dir: false
+                },
+                HostBind {
+                    index: 1,
+                    source: d.path().join("resolv.conf"),
+                    dir: false
+                },
+                HostBind {
+                    index: 2,
+                    source: d.path().join("volume"),
+                    dir: true
+                },
+            ]
+        );
+        let dropped = out.dropped.join("\n");
+        assert_eq!(out.dropped.len(), 3, "{dropped}");
+        assert!(dropped.contains("/sys/fs/cgroup"), "{dropped}");
+        assert!(dropped.contains("/gone"), "{dropped}");
+        assert!(dropped.contains("/rel"), "{dropped}");
+        // Namespaces pass through unchanged (the agent maps them); a shared UTS keeps the hostname.
+        assert_eq!(v["linux"], spec["linux"]);
+        assert_eq!(v["hostname"], "pod-a");
+        assert_eq!(v["process"], spec["process"]);
+    }
+
+    #[test]
+    fn hostname_without_uts_namespace_and_bad_input() {
+        let v = json!({"root": {"path": "rootfs"}, "hostname": "h", "linux": {"namespaces": [{"type": "pid"}]}});
+        let out = shared_guest_spec(v.to_string().as_bytes(), "c").unwrap();
+        let v: Value = serde_json::from_slice(&out.json).unwrap();
+        assert!(v.get("hostname").is_none());
+        assert_eq!(v["root"]["readonly"], false);
+        assert!(matches!(
+            shared_guest_spec(b"{", "c"),
+            Err(SandboxError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            shared_guest_spec(b"[1]", "c"),
+            Err(SandboxError::InvalidArgument(_))
+        ));
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(
+                matches!(
+                    shared_guest_spec(b"{}", bad),
+                    Err(SandboxError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn mounts_under(dir: &Path) -> usize {
+        let dir = dir.canonicalize().unwrap();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|mp| Path::new(mp).starts_with(&dir))
+            })
+            .count()
+    }
+
+    #[test]
+    fn share_binds_and_cleans_up() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: bind mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        let rootfs = d.path().join("bundle/rootfs");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::write(rootfs.join("bin/sh"), "shell").unwrap();
+        let spec = cri_spec(d.path());
+        let s = shared_guest_spec(spec.to_string().as_bytes(), "c1").unwrap();
+        let before = mounts_under(d.path());
+
+        let share = ContainerShare::create(&shared, "c1", &rootfs, &s.binds).unwrap();
+        assert_eq!(mounts_under(d.path()), before + 4);
+        let c = shared.join("c1");
+        assert_eq!(
+            std::fs::read_to_string(c.join("rootfs/bin/sh")).unwrap(),
+            "shell"
+        );
+        assert_eq!(
+            std::fs::read_to_string(c.join("mounts/0")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(c.join("mounts/1")).unwrap(),
+            "nameserver 10.0.0.10\n"
+        );
+        // Writes through the share reach the host sources (termination-log, volumes).
+        std::fs::write(c.join("mounts/2/out"), "x").unwrap();
+        assert!(d.path().join("volume/out").exists());
+        std::fs::write(c.join("rootfs/new"), "y").unwrap();
+        assert!(rootfs.join("new").exists());
+
+        // A second container with the same id is refused and leaves the first intact.
+        let e = ContainerShare::create(&shared, "c1", &rootfs, &[]).unwrap_err();
+        assert!(matches!(e, SandboxError::AlreadyExists(_)), "{e}");
+        assert_eq!(mounts_under(d.path()), before + 4);
+
+        assert!(share.release().is_empty());
+        assert_eq!(mounts_under(d.path()), before);
+        assert!(!c.exists(), "container dir left behind");
+        // The host's files are untouched.
+        assert!(rootfs.join("bin/sh").exists() && d.path().join("hosts").exists());
+
+        // A failing bind (missing source) undoes the rootfs mount and the directories.
+        let bad = vec![HostBind {
+            index: 0,
+            source: d.path().join("nope"),
+            dir: false,
+        }];
+        let e = ContainerShare::create(&shared, "c2", &rootfs, &bad).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert_eq!(mounts_under(d.path()), before);
+        assert!(!shared.join("c2").exists());
+
+        // Dropping without release cleans up too; a planted symlink is not followed.
+        let share = ContainerShare::create(&shared, "c3", &rootfs, &s.binds).unwrap();
+        drop(share);
+        assert_eq!(mounts_under(d.path()), before);
+        std::os::unix::fs::symlink(d.path().join("volume"), shared.join("c4")).unwrap();
+        let e = ContainerShare::create(&shared, "c4", &rootfs, &[]).unwrap_err();
+        assert!(matches!(e, SandboxError::AlreadyExists(_)), "{e}");
+        assert_eq!(mounts_under(d.path()), before);
+        assert_eq!(std::fs::read_dir(shared.join("c4")).unwrap().count(), 1);
+        assert!(std::fs::read_dir(&shared)
+            .unwrap()
+            .all(|e| e.unwrap().file_name() == "c4"));
+    }
+}
