@@ -275,3 +275,136 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
         text(&o)
     );
 }
+
+/// Entries of /proc/self/mountinfo at or below `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| Path::new(mp).starts_with(dir))
+        .map(String::from)
+        .collect()
+}
+
+/// Two containers of one pod (CRI's sandbox-id annotation, set through `ctr --annotation`) share one VM,
+/// each with its own rootfs through the virtio-fs share; a host file bind mount reaches the guest; after
+/// delete no VMM, sandbox directory or mount is left.
+#[test]
+fn two_containers_of_a_pod_each_see_their_own_rootfs() {
+    if !e2e_enabled("two_containers_of_a_pod_each_see_their_own_rootfs") {
+        return;
+    }
+    if !have("containerd") || !have("ctr") {
+        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
+        return;
+    }
+    assert!(
+        workspace_root().join("build/virtiofsd").exists(),
+        "build/virtiofsd missing (make virtiofsd)"
+    );
+    let inputs = Inputs::from_env();
+    inputs.require();
+    let c = start_containerd(&inputs);
+    let root = c.dir.path().to_path_buf();
+    let before = mounts_under(&root);
+    let hosts = root.join("hosts-src");
+    std::fs::write(&hosts, "10.9.8.7 pod-host\n").expect("hosts file");
+    let pod = "e2e-pod";
+    let sandbox_id = format!("io.kubernetes.cri.sandbox-id={pod}");
+
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &sandbox_id,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        IMAGE,
+        pod,
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "w1",
+        pod,
+        "sh",
+        "-c",
+        "echo one > /whoami",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The second container joins the pod's shim and VM and gets its own rootfs and the host's file.
+    let mount = format!(
+        "type=bind,src={},dst=/etc/hosts,options=rbind:ro",
+        hosts.display()
+    );
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &sandbox_id,
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--mount",
+        &mount,
+        IMAGE,
+        "e2e-c2",
+        "sh",
+        "-c",
+        "test ! -e /whoami && echo two > /whoami && cat /whoami /etc/hosts",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "two\n10.9.8.7 pod-host\n",
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        vmm_processes(&c.state_dir().to_string_lossy()),
+        1,
+        "the pod's containers must share one VM"
+    );
+    // The first container's rootfs is its own, and it survived the second's delete.
+    let o = c.ctr(&["task", "exec", "--exec-id", "r1", pod, "cat", "/whoami"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "one\n", "{}", text(&o));
+
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", pod]);
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.ctr(&["task", "rm", pod]);
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task rm: {}", text(&o));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let o = c.ctr(&["container", "rm", pod]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::thread::sleep(Duration::from_secs(1));
+    let state = c.state_dir();
+    assert_eq!(
+        vmm_processes(&state.to_string_lossy()),
+        0,
+        "a capsa-vmm survived"
+    );
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+    assert_eq!(mounts_under(&root), before, "mounts left behind");
+}
