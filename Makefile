@@ -47,6 +47,7 @@ demo: binaries guest-image testhost-image
 
 bench: all testhost-image
 	bash tests/run-e2e.sh target/release/capsa-bench
+	bash tests/run-e2e.sh target/release/capsa-cri-bench
 
 lint:
 	$(CARGO) fmt --all --check

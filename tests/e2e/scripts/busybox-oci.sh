@@ -1,9 +1,11 @@
 #!/bin/bash
 # Builds a busybox OCI image archive from Debian's busybox-static, for `ctr image import`.
-# Usage: busybox-oci.sh OUT.tar [IMAGE_NAME]   (default name docker.io/library/busybox:capsa)
+# Usage: busybox-oci.sh OUT.tar [IMAGE_NAME [CMD_JSON]]   (default name docker.io/library/busybox:capsa,
+# default command '["sh"]'; the CRI suite builds its pause image with '["/bin/sleep", "2147483647"]')
 set -euo pipefail
 out=$(realpath -m "$1")
 name=${2:-docker.io/library/busybox:capsa}
+cmd=${3:-'["sh"]'}
 bb=$(command -v busybox || true)
 [ -x /bin/busybox ] && bb=/bin/busybox
 # ldd fails on a static binary: a dynamic busybox would not run in the container.
@@ -30,16 +32,16 @@ gzip -n -c "$work/layer.tar" > "$work/layer.tar.gz"
 layer=$(sha256sum "$work/layer.tar.gz" | cut -d' ' -f1)
 layer_size=$(stat -c %s "$work/layer.tar.gz")
 mv "$work/layer.tar.gz" "$work/oci/blobs/sha256/$layer"
-python3 - "$work/oci" "$diffid" "$layer" "$layer_size" "$name" <<'PY'
+python3 - "$work/oci" "$diffid" "$layer" "$layer_size" "$name" "$cmd" <<'PY'
 import hashlib, json, os, sys
-oci, diffid, layer, layer_size, name = sys.argv[1:]
+oci, diffid, layer, layer_size, name, cmd = sys.argv[1:]
 def blob(obj):
     data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
     d = hashlib.sha256(data).hexdigest()
     open(os.path.join(oci, "blobs/sha256", d), "wb").write(data)
     return d, len(data)
 config = {"architecture": "amd64", "os": "linux",
-          "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+          "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": json.loads(cmd), "WorkingDir": "/"},
           "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diffid]}}
 cd, cs = blob(config)
 manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",

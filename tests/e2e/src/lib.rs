@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use capsa_runtime::vm::VmConfig;
 
+pub mod cri;
 pub mod smaps;
 
 /// The workspace root (the crate lives in `tests/e2e`).
