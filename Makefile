@@ -37,7 +37,7 @@ $(E2E_LIST): FORCE binaries
 
 e2e: all testhost-image $(E2E_LIST)
 	CAPSA_TESTHOST_TESTS=1 $(CARGO) test --release -p capsa-testhost -- --test-threads=1
-	bash tests/run-e2e.sh bash tests/e2e/run-suites.sh $(E2E_LIST)
+	bash tests/e2e/run-each.sh $(E2E_LIST)
 
 # capsa run on the busybox image, printing from inside the microVM (in the nested test host when this
 # machine has no hardware virtualisation).
