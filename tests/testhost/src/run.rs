@@ -506,11 +506,16 @@ fn service(port: &mut Port, nonce: &[u8], sinks: &mut Sinks, ctl: &mut Ctl) -> R
     Ok(())
 }
 
+/// The emulated CPU: AMD SVM with nested paging, so the test host's KVM runs guests at useful speed.
+/// `CAPSA_TESTHOST_CPU` overrides it.
+const DEFAULT_CPU: &str = "EPYC,+svm,+npt";
+
 fn qemu_command(plan: &Plan, tmp: &Path) -> Command {
     // QEMU's option syntax: a ',' inside a value is written ',,'.
     let esc = |p: &Path| p.display().to_string().replace(',', ",,");
     let mut c = Command::new(&plan.qemu);
-    c.args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt"])
+    let cpu = std::env::var("CAPSA_TESTHOST_CPU").unwrap_or_else(|_| DEFAULT_CPU.to_string());
+    c.args(["-accel", "tcg", "-cpu", &cpu])
         .args([
             "-smp",
             &plan.cpus.to_string(),
