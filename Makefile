@@ -32,7 +32,7 @@ test:
 $(E2E_LIST): FORCE binaries
 	@mkdir -p build
 	$(CARGO) test --release -p capsa-e2e --no-run --message-format=json \
-	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]]' > $@
+	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' > $@
 	@cat $@
 
 e2e: all testhost-image $(E2E_LIST)
