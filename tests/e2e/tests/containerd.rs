@@ -408,3 +408,141 @@ fn two_containers_of_a_pod_each_see_their_own_rootfs() {
     assert!(left.is_empty(), "left in {}: {left:?}", state.display());
     assert_eq!(mounts_under(&root), before, "mounts left behind");
 }
+
+/// Debian's `docker-registry` (distribution 2.x) serving plain HTTP on a loopback port; killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> Registry {
+    let dir = tempfile::Builder::new()
+        .prefix("reg")
+        .tempdir_in("/tmp")
+        .expect("registry tempdir");
+    // A free port: bind port 0, note it, release it for the registry.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write registry config");
+    let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("registry log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn docker-registry");
+    let reg = Registry { child, addr, dir };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&reg.addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "docker-registry did not listen on {}: {}",
+            reg.addr,
+            std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    reg
+}
+
+/// The busybox image pushed by skopeo to a local registry, pulled by containerd over plain HTTP into a
+/// namespace of its own, runs in a capsa VM; no VMM is left afterwards.
+#[test]
+fn busybox_pulled_from_a_local_registry_runs_in_a_vm() {
+    if !e2e_enabled("busybox_pulled_from_a_local_registry_runs_in_a_vm") {
+        return;
+    }
+    if !have("containerd") || !have("ctr") {
+        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
+        return;
+    }
+    if !have("docker-registry") || !have("skopeo") {
+        eprintln!("skipping: docker-registry/skopeo not installed (apt-get install docker-registry skopeo)");
+        return;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    let c = start_containerd(&inputs);
+    let reg = start_registry();
+    let image = format!("{}/busybox:capsa", reg.addr);
+
+    // start_containerd left the OCI layout archive (oci-layout, index.json, blobs/) in its directory.
+    let tar = c.dir.path().join("busybox.tar");
+    let o = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci-archive:{}", tar.display()))
+        .arg(format!("docker://{image}"))
+        .env("HOME", c.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skopeo");
+    assert!(o.status.success(), "skopeo copy: {}", text(&o));
+
+    let ns = ["-n", "e2e-registry"];
+    let mut args = ns.to_vec();
+    args.extend([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &image,
+    ]);
+    let o = c.ctr(&args);
+    assert!(o.status.success(), "pull: {}", text(&o));
+
+    let mut args = ns.to_vec();
+    args.extend([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        &image,
+        "e2e-pulled",
+        "echo",
+        "pulled",
+    ]);
+    let o = c.ctr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "pulled",
+        "{}",
+        text(&o)
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let state = c.state_dir();
+    assert_eq!(
+        vmm_processes(&state.to_string_lossy()),
+        0,
+        "a capsa-vmm survived"
+    );
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+}
