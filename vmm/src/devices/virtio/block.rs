@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, Segments};
 use super::worker::{serve_queue, Worker};
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::virtio::chain::DeviceQueue;
 use crate::devices::GuestMemoryMmap;
 
@@ -332,19 +332,7 @@ impl VirtioDevice for Block {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let mut queues = queues;
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: queues.len(),
-            });
-        }
-        let Some((queue, event)) = queues.pop() else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: 0,
-            });
-        };
+        let (queue, event) = single_queue(queues)?;
         let mut disk = Disk {
             file: self.file.try_clone()?,
             read_only: self.read_only,

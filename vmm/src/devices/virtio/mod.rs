@@ -114,6 +114,18 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// The one queue of a single-queue device (blk, rng), or the error naming how many the driver set up.
+pub fn single_queue(queues: Vec<(Queue, EventFd)>) -> Result<(Queue, EventFd), ActivateError> {
+    let actual = queues.len();
+    match <[(Queue, EventFd); 1]>::try_from(queues) {
+        Ok([queue]) => Ok(queue),
+        Err(_) => Err(ActivateError::QueueCount {
+            expected: 1,
+            actual,
+        }),
+    }
+}
+
 /// One virtio device behind a transport. Implementations live one per folder/file next to this module.
 pub trait VirtioDevice: Send {
     /// virtio device ID (1 net, 2 block, 4 rng, 19 vsock, 26 fs, ...).

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, DeviceQueue};
 use super::worker::{serve_queue, Worker};
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 
 /// virtio device ID of the entropy device.
@@ -113,19 +113,7 @@ impl VirtioDevice for Rng {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let mut queues = queues;
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: queues.len(),
-            });
-        }
-        let Some((queue, event)) = queues.pop() else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: 0,
-            });
-        };
+        let (queue, event) = single_queue(queues)?;
         let mut source = self.source.try_clone()?;
         let queue = DeviceQueue::new(queue, event);
         self.worker = Some(Worker::spawn("capsa-rng", move |kill| {
