@@ -4,7 +4,7 @@
 # QEMU's emulated SVM (a stack overflow in a KVM vCPU thread, about one boot in thirty; see
 # ../shared/notes/environment.md; seen twice in CI trials, both times during containers_in_a_guest): when a
 # session ends with the runner's "test host died" status (125), that binary is run again in a fresh test host,
-# up to two more times, and each retry is reported. Test failures are never retried.
+# up to three more times, and each retry is reported. Test failures are never retried.
 #
 #   run-each.sh LIST
 set -u
@@ -23,10 +23,10 @@ while IFS= read -r exe || [ -n "$exe" ]; do
   name=$(basename "$exe")
   one="$root/build/e2e-one-$name.list"
   echo "$exe" >"$one"
-  for attempt in 1 2 3; do
+  for attempt in 1 2 3 4; do
     bash "$root/tests/run-e2e.sh" bash "$root/tests/e2e/run-suites.sh" "$one"
     rc=$?
-    if [ "$rc" -eq 125 ] && [ "$attempt" -lt 3 ]; then
+    if [ "$rc" -eq 125 ] && [ "$attempt" -lt 4 ]; then
       echo "=== run-each: $name: the test host died (status 125); retrying in a fresh test host"
       continue
     fi
