@@ -109,6 +109,30 @@ pub fn median(values: &mut [Duration]) -> Duration {
     }
 }
 
+/// A busybox rootfs directory: /bin/busybox plus one hard link per applet.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+    }
+    let bb = root.join("bin/busybox");
+    std::fs::copy("/bin/busybox", &bb).expect("copy /bin/busybox (Debian's busybox-static)");
+    let list = std::process::Command::new(&bb)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let l = root.join("bin").join(applet);
+        if applet != "busybox" && !l.exists() {
+            std::fs::hard_link(&bb, l).expect("link applet");
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
+        .expect("write rootfs /etc");
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("write rootfs /etc");
+    root
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use capsa_e2e::{e2e_enabled, workspace_root, Inputs};
+use capsa_e2e::{busybox_rootfs, e2e_enabled, workspace_root, Inputs};
 
 /// The `capsa` binary built with the test binaries' profile (else the release one).
 fn capsa_bin() -> PathBuf {
@@ -35,27 +35,6 @@ fn capsa(inputs: &Inputs, tmp: &Path) -> Command {
         // The work directory (unpacked image, ext4 image) goes here, so the test can check it is gone.
         .env("TMPDIR", tmp);
     c
-}
-
-/// A busybox rootfs directory: /bin/busybox plus one hard link per applet.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
-    }
-    let bb = root.join("bin/busybox");
-    std::fs::copy("/bin/busybox", &bb).expect("copy /bin/busybox (Debian's busybox-static)");
-    let list = Command::new(&bb)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let l = root.join("bin").join(applet);
-        if applet != "busybox" && !l.exists() {
-            std::fs::hard_link(&bb, l).expect("link applet");
-        }
-    }
-    root
 }
 
 fn text(o: &Output) -> String {

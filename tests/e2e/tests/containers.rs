@@ -9,11 +9,11 @@
 //!
 //! Everything runs in one test so one guest serves all scenarios (booting is the slow part).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use capsa_e2e::{e2e_enabled, median, run_root, vm_config, workspace_root, Inputs};
+use capsa_e2e::{busybox_rootfs, e2e_enabled, median, run_root, vm_config, workspace_root, Inputs};
 use capsa_proto::agent::{self, Storage, StorageDriver};
 use capsa_proto::agent_ttrpc::AgentServiceClient;
 use capsa_runtime::vm::{Disk, Vm};
@@ -24,29 +24,6 @@ const ROOTFS_MNT: &str = "/run/capsa/storage/busybox";
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(120_000_000_000)
-}
-
-/// A busybox rootfs directory: /bin/busybox plus one hard link per applet.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
-    }
-    let bb = root.join("bin/busybox");
-    std::fs::copy("/bin/busybox", &bb).expect("copy /bin/busybox (Debian's busybox-static)");
-    let list = Command::new(&bb)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let l = root.join("bin").join(applet);
-        if applet != "busybox" && !l.exists() {
-            std::fs::hard_link(&bb, l).expect("link applet");
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    root
 }
 
 /// An ext4 image of `root` (`mkfs.ext4 -d`).
