@@ -25,8 +25,9 @@ virtiofsd:
 testhost-image: binaries
 	target/release/capsa-testhost build-image
 
+# Release, like everything else here, so the dependencies are compiled once (see Cargo.toml's profile).
 test:
-	$(CARGO) test --workspace
+	$(CARGO) test --release --workspace
 
 # Build the end-to-end test binaries (release, so the timings mean something) and list them.
 $(E2E_LIST): FORCE binaries

@@ -2,7 +2,7 @@
 # Debian packages capsa's build and tests need on the host. Idempotent; quiet when everything is there.
 set -euo pipefail
 pkgs=(qemu-system-x86 debootstrap linux-source-6.1 flex bison bc libelf-dev libssl-dev protobuf-compiler
-      busybox-static e2fsprogs erofs-utils libseccomp-dev libcap-ng-dev pkg-config zstd cpio xz-utils kmod iproute2 python3 make gcc)
+      busybox-static lz4 e2fsprogs erofs-utils libseccomp-dev libcap-ng-dev pkg-config zstd cpio xz-utils kmod iproute2 python3 make gcc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
