@@ -29,15 +29,19 @@ testhost-image: binaries
 test:
 	$(CARGO) test --release --workspace
 
-# Build the end-to-end test binaries (release, so the timings mean something) and list them.
+TESTHOST_LIST := $(ROOT)/build/testhost-tests.list
+
+# Build every test binary (release and --workspace, exactly as `make test` does, so nothing is compiled
+# again) and list the end-to-end suites and the test-host runner's tests.
 $(E2E_LIST): FORCE binaries
 	@mkdir -p build
-	$(CARGO) test --release -p capsa-e2e --no-run --message-format=json \
-	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' > $@
-	@cat $@
+	$(CARGO) test --release --workspace --no-run --message-format=json > build/test-artifacts.json
+	python3 tests/list-test-binaries.py build/test-artifacts.json tests/e2e > $@
+	python3 tests/list-test-binaries.py build/test-artifacts.json tests/testhost > $(TESTHOST_LIST)
+	@cat $@ $(TESTHOST_LIST)
 
 e2e: all testhost-image $(E2E_LIST)
-	CAPSA_TESTHOST_TESTS=1 $(CARGO) test --release -p capsa-testhost -- --test-threads=1
+	set -e; for t in $$(cat $(TESTHOST_LIST)); do (cd tests/testhost && CAPSA_TESTHOST_TESTS=1 $$t --test-threads=1); done
 	bash tests/e2e/run-each.sh $(E2E_LIST)
 
 # capsa run on the busybox image, printing from inside the microVM (in the nested test host when this

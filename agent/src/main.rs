@@ -208,6 +208,9 @@ fn run(args: &Args, facts: AgentFacts) -> anyhow::Result<()> {
             facts.start_uptime_ns / 1_000_000
         );
 
+        if args.listen.starts_with("vsock://") {
+            tokio::task::spawn_blocking(notify_host_ready);
+        }
         if is_init {
             // Serve forever. (Signals other than those we handle do not reach PID 1.)
             std::future::pending::<()>().await;
@@ -222,6 +225,29 @@ fn run(args: &Args, facts: AgentFacts) -> anyhow::Result<()> {
         let _ = server.shutdown().await;
         Ok(())
     })
+}
+
+/// Tells the host the server is listening: a connection to the host's [`READY_NOTIFY_VSOCK_PORT`], closed at
+/// once. Best effort: a host that does not listen there polls instead.
+///
+/// [`READY_NOTIFY_VSOCK_PORT`]: capsa_proto::READY_NOTIFY_VSOCK_PORT
+fn notify_host_ready() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    const VMADDR_CID_HOST: u32 = 2;
+    let result = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .and_then(|fd| {
+        let addr = VsockAddr::new(VMADDR_CID_HOST, capsa_proto::READY_NOTIFY_VSOCK_PORT);
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
+    });
+    match result {
+        Ok(()) => tracing::debug!("told the host the agent is ready"),
+        Err(e) => tracing::debug!("no host listener for the ready notification: {e}"),
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,11 @@ pub use ttrpc;
 /// Guest vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Host vsock port the agent connects to (and closes at once) when its server is listening, so the host
+/// learns the agent is up without polling the guest while it boots. With hybrid vsock the connection arrives
+/// at the Unix socket `<vsock socket>_1025`. Nobody listening there is fine: the host then polls.
+pub const READY_NOTIFY_VSOCK_PORT: u32 = 1025;
+
 /// Fully qualified ttrpc service name.
 pub const AGENT_SERVICE_NAME: &str = "capsa.agent.v1.AgentService";
 

@@ -20,6 +20,9 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READY_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest a single readiness attempt (connect + Check) may take.
 const READY_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// With a ready notification to wait for, the pause between fallback attempts (the notification can be
+/// lost, e.g. when the guest's agent predates it).
+pub const NOTIFIED_FALLBACK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where the agent is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,11 +189,51 @@ impl AgentClient {
     /// Connects and calls Check until the agent answers SERVING, retrying every
     /// [`READY_POLL_INTERVAL`] until `timeout` has passed.
     pub async fn wait_ready(addr: &AgentAddress, timeout: Duration) -> Result<Self, AgentError> {
+        Self::wait_ready_inner(addr, timeout, None).await
+    }
+
+    /// Like [`wait_ready`](Self::wait_ready), but each attempt waits for a message on `ready` (the agent's
+    /// connection to [`capsa_proto::READY_NOTIFY_VSOCK_PORT`]) or, failing that, for
+    /// [`NOTIFIED_FALLBACK_INTERVAL`]: the host does not poke a guest that is still booting every 10 ms.
+    pub async fn wait_ready_notified(
+        addr: &AgentAddress,
+        timeout: Duration,
+        mut ready: tokio::sync::mpsc::Receiver<()>,
+    ) -> Result<Self, AgentError> {
+        Self::wait_ready_inner(addr, timeout, Some(&mut ready)).await
+    }
+
+    async fn wait_ready_inner(
+        addr: &AgentAddress,
+        timeout: Duration,
+        mut ready: Option<&mut tokio::sync::mpsc::Receiver<()>>,
+    ) -> Result<Self, AgentError> {
         let start = Instant::now();
         let deadline = start + timeout;
         let mut attempts = 0u32;
-        let mut last;
+        let mut last = String::from("no attempt yet");
         loop {
+            if let Some(rx) = ready.as_mut() {
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(NOTIFIED_FALLBACK_INTERVAL);
+                let notifier_gone = tokio::select! {
+                    msg = rx.recv() => msg.is_none(),
+                    _ = tokio::time::sleep(wait) => false,
+                };
+                if notifier_gone {
+                    // Plain polling from here on.
+                    ready = None;
+                }
+                if Instant::now() >= deadline {
+                    return Err(AgentError::NotReady {
+                        addr: addr.to_string(),
+                        timeout,
+                        attempts,
+                        last,
+                    });
+                }
+            }
             attempts += 1;
             let per_attempt = deadline
                 .saturating_duration_since(Instant::now())
@@ -210,6 +253,9 @@ impl AgentClient {
                     }
                     last = e.to_string();
                 }
+            }
+            if ready.is_some() {
+                continue;
             }
             if Instant::now() + READY_POLL_INTERVAL >= deadline {
                 return Err(AgentError::NotReady {

@@ -218,6 +218,11 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {path} for the agent's ready notification: {source}")]
+    ReadySocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the VMM {binary}: {source}")]
     Spawn {
         binary: PathBuf,
@@ -441,6 +446,28 @@ impl Vm {
             None => None,
         };
 
+        // The agent connects to host port READY_NOTIFY_VSOCK_PORT once it listens; the VMM turns that into a
+        // connection to `<vsock>_<port>`. Bound before the VMM starts, so the notification cannot be missed.
+        let ready_path = PathBuf::from(format!(
+            "{}_{}",
+            paths.vsock.display(),
+            capsa_proto::READY_NOTIFY_VSOCK_PORT
+        ));
+        let ready_listener =
+            tokio::net::UnixListener::bind(&ready_path).map_err(|source| VmError::ReadySocket {
+                path: ready_path.clone(),
+                source,
+            })?;
+        let (ready_tx, ready_rx) = tokio::sync::mpsc::channel(1);
+        let ready_task = tokio::spawn(async move {
+            while let Ok((conn, _)) = ready_listener.accept().await {
+                drop(conn);
+                if ready_tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+
         let args = config.vmm_args(&paths);
         tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), ?args, "starting VM");
         let spawned_at = Instant::now();
@@ -465,9 +492,12 @@ impl Vm {
 
         let addr = AgentAddress::hybrid(&paths.vsock);
         let outcome = tokio::select! {
-            ready = AgentClient::wait_ready(&addr, config.boot_timeout) => Ok(ready),
+            ready = AgentClient::wait_ready_notified(&addr, config.boot_timeout, ready_rx) => Ok(ready),
             status = child.wait() => Err(status),
         };
+        // Later notifications (an agent restarting its server) mean nothing; the socket goes with the dir.
+        ready_task.abort();
+        let _ = std::fs::remove_file(&ready_path);
         let tails = |task: Option<JoinHandle<()>>| {
             let log = stderr_log.clone();
             let console = paths.console_log.clone();

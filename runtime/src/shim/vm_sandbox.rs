@@ -55,6 +55,13 @@ fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
                 _ => SandboxError::Internal(msg),
             }
         }
+        // ttrpc's own deadline: the agent is slow or stuck, which does not mean the VM is gone.
+        ttrpc::Error::Others(m) if m.contains("deadline elapsed") => {
+            SandboxError::Internal(format!(
+                "{what}: no answer from the agent within {} s",
+                CALL_TIMEOUT.as_secs()
+            ))
+        }
         // The connection broke: the VM is gone.
         other => SandboxError::VmGone(format!("{what}: {other}")),
     }
@@ -705,6 +712,20 @@ impl Sandbox for VmSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_deadline_is_not_a_dead_vm() {
+        let slow = map_err(
+            "SignalProcess",
+            ttrpc::Error::Others("Request deadline elapsed".into()),
+        );
+        assert!(
+            matches!(slow, SandboxError::Internal(ref m) if m.contains("no answer")),
+            "{slow:?}"
+        );
+        let broken = map_err("SignalProcess", ttrpc::Error::LocalClosed);
+        assert!(matches!(broken, SandboxError::VmGone(_)), "{broken:?}");
+    }
 
     #[test]
     fn spec_is_rewritten_for_the_guest() {

@@ -192,3 +192,101 @@ fn capsa_run_directory_and_image_archive() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(leftovers(&tmp), Vec::<String>::new());
 }
+
+/// Reads `master` until `want` (checked on the whole text so far) holds or 120 s pass; returns the text.
+fn read_pty_until(master: &mut std::fs::File, what: &str, want: impl Fn(&str) -> bool) -> String {
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if want(&text) {
+            return text;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {what} on the terminal within 120 s; got {text:?}"
+        );
+        let mut fds = [nix::poll::PollFd::new(
+            master.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+        if nix::poll::poll(&mut fds, ms).unwrap_or(0) == 0 {
+            continue;
+        }
+        match std::io::Read::read(master, &mut buf) {
+            Ok(0) | Err(_) => panic!("terminal closed before {what}; got {text:?}"),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// `capsa run -t` on a real pseudo-terminal: the container sees the terminal's size, a resize of the host
+/// terminal (SIGWINCH) reaches it, no stray bytes appear, and the exit code comes back.
+#[test]
+fn capsa_run_tty_follows_the_terminal_size() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt as _;
+    if !e2e_enabled("capsa_run_tty_follows_the_terminal_size") {
+        return;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let rootfs = busybox_rootfs(dir.path());
+
+    let size = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size(24, 80)), None).expect("openpty");
+    let slave: OwnedFd = pty.slave;
+    let slave_fd = slave.as_raw_fd();
+    let mut cmd = capsa(&inputs, &tmp);
+    cmd.arg("run")
+        .arg("-t")
+        .arg(&rootfs)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo size:$(stty size); while [ \"$(stty size)\" = '24 80' ]; do sleep 0.2; done; \
+             echo size:$(stty size); exit 4",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and TIOCSCTTY in the child between fork and exec, on a descriptor it inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave_fd, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn capsa -t");
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    read_pty_until(&mut master, "the first size", |t| t.contains("size:24 80"));
+    // Resizing the terminal sends SIGWINCH to capsa (the terminal's foreground process group).
+    // SAFETY: TIOCSWINSZ reads one valid winsize.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size(33, 77)) };
+    assert_eq!(r, 0, "TIOCSWINSZ");
+    let text = read_pty_until(&mut master, "the new size", |t| t.contains("size:33 77"));
+    let st = child.wait().expect("wait capsa");
+    assert_eq!(st.code(), Some(4), "{text:?}");
+    assert!(
+        !text.contains('\0'),
+        "stray NUL bytes on the terminal: {text:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(leftovers(&tmp), Vec::<String>::new());
+}

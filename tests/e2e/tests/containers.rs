@@ -507,9 +507,18 @@ async fn containers_in_a_guest() {
         rootfs: ROOTFS_MNT.into(),
         cgroups: true,
     };
-    scenarios(&a).await;
-    if std::env::var_os("CAPSA_E2E_CONSOLE").is_some() {
-        eprintln!("{}", vm.console_tail());
+    // Scenarios run in their own task so that, when one fails, the guest's console is printed with the panic
+    // (a guest that stopped mid-run otherwise shows only as a broken ttrpc stream).
+    let outcome = tokio::spawn(async move { scenarios(&a).await }).await;
+    if outcome.is_err() || std::env::var_os("CAPSA_E2E_CONSOLE").is_some() {
+        eprintln!(
+            "guest console (tail):\n{}\nVMM stderr (tail):\n{}",
+            vm.console_tail(),
+            vm.stderr_tail()
+        );
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
     }
     vm.stop().await.expect("stop");
 }

@@ -60,3 +60,46 @@ async fn check_details_destroy_against_capsa_agent() {
         .unwrap();
     eprintln!("capsa-agent exited: {status}");
 }
+
+/// `wait_ready_notified`: a notification starts an attempt, a lost notifier falls back to polling, and with
+/// nobody there it gives up at the deadline.
+#[tokio::test]
+async fn ready_notification_and_its_fallbacks() {
+    let Some(agent) = agent_binary() else {
+        eprintln!("SKIPPED: no capsa-agent binary");
+        return;
+    };
+    let root = capsa_e2e::run_root();
+    let sock = root.path().join("agent.sock");
+    let _child = tokio::process::Command::new(&agent)
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent.display()));
+    let addr = AgentAddress::Unix(sock.clone());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(()).await.unwrap();
+    let client = AgentClient::wait_ready_notified(&addr, Duration::from_secs(20), rx)
+        .await
+        .unwrap_or_else(|e| panic!("notified: {e}"));
+    client.check().await.expect("Check");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    AgentClient::wait_ready_notified(&addr, Duration::from_secs(20), rx)
+        .await
+        .unwrap_or_else(|e| panic!("notifier gone: {e}"));
+
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    let nobody = AgentAddress::Unix(root.path().join("nobody.sock"));
+    let started = std::time::Instant::now();
+    let err = AgentClient::wait_ready_notified(&nobody, Duration::from_millis(600), rx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not ready after"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up late");
+}

@@ -2,7 +2,7 @@
 # Stage-2 init (PID 1) of capsa's nested test host. Sets the host up for the end-to-end suites (KVM, vsock,
 # networking, cgroups), mounts the shares the runner exports over virtio-9p at their host paths, runs the job
 # the runner wrote (job.sh in the 9p share "capsajob") with stdout/stderr on the virtio-serial ports
-# capsa.out/capsa.err, and reports on the port capsa.ctl: "started", then "exit <status>".
+# capsa.out/capsa.err, and reports on the port capsa.ctl: "started", "alive" every 5 s, then "exit <status>".
 # Output ends with a per-run nonce on each stream so the runner knows it has everything.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 say() { echo "capsa-testhost: $*" >/dev/console; }
@@ -69,6 +69,25 @@ echo 1 >/proc/sys/net/ipv4/ip_forward
 echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null
 exec 3>"$out" 4>"$err" 5>"$ctl"
 echo started >&5
+# Heartbeat: the runner treats a test host that stops sending these as hung and gives up on it early.
+# The test host's kernel has been seen to stop taking timer interrupts on a CPU whose nested guest spins
+# without exits (RCU: "timer wakeup didn't happen"; the whole host then stalls), as if QEMU's TCG lost the
+# timer interrupt. Every second each CPU also gets a wake-up IPI (a task pinned to it), which makes such a
+# CPU look at its local APIC again.
+ncpu=$($bb grep -c ^processor /proc/cpuinfo)
+(
+  n=0
+  while :; do
+    $bb sleep 1
+    c=0
+    while [ "$c" -lt "$ncpu" ]; do
+      $bb taskset -c "$c" $bb true 2>/dev/null
+      c=$((c + 1))
+    done
+    n=$((n + 1))
+    [ $((n % 5)) -eq 0 ] && echo alive >&5
+  done
+) &
 sh "$job/job.sh" </dev/null >&3 2>&4 &
 wait $!
 rc=$?

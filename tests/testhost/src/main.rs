@@ -26,8 +26,8 @@ enum Command {
     BuildImage,
     /// Boot the test host, run CMD inside it (same cwd, workspace at the same path) and exit with its status.
     ///
-    /// Exit status: the command's; 124 = timeout; 125 = the test host failed (did not boot, died, or bad
-    /// setup); 130/143 = interrupted by SIGINT/SIGTERM.
+    /// Exit status: the command's; 124 = timeout; 125 = the test host failed (did not boot, died, hung: no
+    /// heartbeat for 90 s, or bad setup); 130/143 = interrupted by SIGINT/SIGTERM.
     Run(run::RunArgs),
 }
 

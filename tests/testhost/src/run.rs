@@ -122,6 +122,8 @@ enum Outcome {
     Died {
         started: bool,
     },
+    /// The test host stopped sending its heartbeat while the command ran (stopped by the runner).
+    Hung,
 }
 
 pub fn run(args: RunArgs) -> Result<i32> {
@@ -213,6 +215,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 );
             }
             Outcome::Died { .. } => return Ok(EXIT_TESTHOST_FAILED),
+            Outcome::Hung => {
+                eprintln!(
+                    "capsa-testhost: the test host sent no heartbeat for {} s (hung); stopped it",
+                    HEARTBEAT_LIMIT.as_secs()
+                );
+                return Ok(EXIT_TESTHOST_FAILED);
+            }
         }
     }
     Ok(EXIT_TESTHOST_FAILED)
@@ -430,10 +439,14 @@ impl Sinks {
     }
 }
 
+/// A started test host that sends no heartbeat ("alive", every 5 s) for this long is hung.
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(90);
+
 /// What the ctl port said so far.
 #[derive(Default)]
 struct Ctl {
     started: Option<Instant>,
+    last_alive: Option<Instant>,
     status: Option<i32>,
 }
 
@@ -447,6 +460,9 @@ fn handle_data(port: &mut Port, data: &[u8], nonce: &[u8], sinks: &mut Sinks, ct
                 let line = line.trim();
                 if line == "started" {
                     ctl.started.get_or_insert_with(Instant::now);
+                    ctl.last_alive = Some(Instant::now());
+                } else if line == "alive" {
+                    ctl.last_alive = Some(Instant::now());
                 } else if let Some(code) = line.strip_prefix("exit ") {
                     ctl.status = Some(code.trim().parse().unwrap_or(EXIT_TESTHOST_FAILED));
                 }
@@ -712,6 +728,11 @@ fn boot_and_run(plan: &Plan, limits: (Duration, Duration)) -> Result<Outcome> {
         if now >= deadline {
             break Outcome::Timeout(ctl.started.is_some());
         }
+        if let Some(alive) = ctl.last_alive {
+            if ctl.status.is_none() && now.duration_since(alive) > HEARTBEAT_LIMIT {
+                break Outcome::Hung;
+            }
+        }
         {
             let mut fds: Vec<PollFd> = ports
                 .iter()
@@ -791,7 +812,7 @@ fn boot_and_run(plan: &Plan, limits: (Duration, Duration)) -> Result<Outcome> {
         .map(|t| t.elapsed().as_secs_f64())
         .unwrap_or_default();
     drop(qemu); // kills the process group and reaps QEMU
-    if let Outcome::Timeout(_) = outcome {
+    if let Outcome::Timeout(_) | Outcome::Hung = outcome {
         eprintln!(
             "---- test-host console (last 20 lines) ----\n{}\n----",
             tail(&tmp.join("console.log"), 20)

@@ -180,6 +180,9 @@ async fn qemu_once(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // The agent's ready notification reaches the host over vhost-vsock as a connection to host port
+    // READY_NOTIFY_VSOCK_PORT: QEMU gets the same no-polling readiness as capsa-vmm.
+    let ready = ready_notifications().context("vsock listener for the ready notification")?;
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()
@@ -188,7 +191,7 @@ async fn qemu_once(
     let mut stderr = child.stderr.take();
     let addr = AgentAddress::vsock(cid);
     let outcome = tokio::select! {
-        r = AgentClient::wait_ready(&addr, Duration::from_secs(60)) => Ok(r),
+        r = AgentClient::wait_ready_notified(&addr, Duration::from_secs(60), ready) => Ok(r),
         s = child.wait() => Err(s),
     };
     let ready = t0.elapsed();
@@ -222,6 +225,50 @@ async fn qemu_once(
             )))
         }
     }
+}
+
+/// Listens on host vsock port [`capsa_proto::READY_NOTIFY_VSOCK_PORT`] (any CID) and sends a message per
+/// connection; the listener closes when the receiver is dropped.
+fn ready_notifications() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use nix::sys::socket::{
+        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    };
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const VMADDR_CID_ANY: u32 = u32::MAX;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &VsockAddr::new(VMADDR_CID_ANY, capsa_proto::READY_NOTIFY_VSOCK_PORT),
+    )?;
+    listen(&fd, Backlog::new(4)?)?;
+    // SAFETY: the listener's descriptor is moved into the AsyncFd, which owns it until it is dropped.
+    let listener = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|e| anyhow::anyhow!("registering the vsock listener: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.readable() => r,
+                _ = tx.closed() => return,
+            };
+            let Ok(mut guard) = accepted else { return };
+            match accept(listener.as_raw_fd()) {
+                Ok(conn) => {
+                    // SAFETY: accept returned a fresh descriptor that nothing else owns.
+                    drop(unsafe { OwnedFd::from_raw_fd(conn) });
+                    let _ = tx.try_send(());
+                }
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(rx)
 }
 
 fn ms(d: Duration) -> String {

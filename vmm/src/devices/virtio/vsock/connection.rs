@@ -300,7 +300,7 @@ impl Connection {
                             break;
                         }
                         Err(e) => {
-                            tracing::debug!(error = %e, port = self.local_port, "vsock: host read failed; reset");
+                            tracing::warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
                             payload.clear();
                             self.state = State::Closed;
                             return Some(self.header(guest_cid, OP_RST));
@@ -328,6 +328,14 @@ impl Connection {
     /// (the connection is then reset).
     pub fn on_guest_packet(&mut self, hdr: &Header, payload: &[u8]) -> bool {
         if hdr.op == OP_RST {
+            if self.state == State::Established && self.shut_sent == 0 && self.guest_shut == 0 {
+                // Worth a line: an established stream the guest resets without a shutdown first.
+                tracing::warn!(
+                    port = self.local_port,
+                    peer = self.peer_port,
+                    "vsock: the guest reset an open connection"
+                );
+            }
             self.close_silently();
             return true;
         }
@@ -365,7 +373,7 @@ impl Connection {
                     return false;
                 }
                 if self.guest_shut & SHUTDOWN_SEND != 0 || self.host_write_shut {
-                    tracing::debug!("vsock: guest data after its SHUTDOWN; reset");
+                    tracing::warn!("vsock: guest data after its SHUTDOWN; reset");
                     self.reset();
                     return false;
                 }
@@ -380,7 +388,7 @@ impl Connection {
                 self.check_finished();
             }
             _ => {
-                tracing::debug!(
+                tracing::warn!(
                     op = hdr.op,
                     "vsock: unexpected op on an established connection; reset"
                 );
@@ -409,7 +417,7 @@ impl Connection {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.host_writable = false,
                 Err(e) => {
-                    tracing::debug!(error = %e, port = self.local_port, "vsock: host write failed; reset");
+                    tracing::warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
                     self.reset();
                     return;
                 }
