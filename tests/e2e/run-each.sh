@@ -7,9 +7,11 @@
 #   KVM vCPU thread, seen in containers_in_a_guest at a virtio-mmio InterruptACK exit. The runner reports it as
 #   status 125; the binary then runs again in a fresh test host, up to five more times (in one CI trial
 #   containers_in_a_guest needed three tries).
-# - rarely a guest stops mid-run as if it had reset itself (capsa-bench saw 2 of 10 boots end that way under
-#   load, with no guest console output). A binary whose tests fail is therefore run once more; a pass on
-#   that second run is reported as FLAKY (in the summary and the final line), never silently.
+# - the test host can also hang (no heartbeat for 90 s): the runner stops it and reports status 125 too.
+# - containers_in_a_guest sometimes loses its agent connection after the 100 MiB stdout scenario (an early
+#   EOF on the ttrpc stream, or a call that never gets an answer); the cause is not found yet. A binary whose
+#   tests fail is therefore run up to twice more; a pass on a rerun is reported as FLAKY (in the summary and
+#   the final line), never silently.
 #
 #   run-each.sh LIST
 set -u
@@ -39,9 +41,9 @@ while IFS= read -r exe || [ -n "$exe" ]; do
       echo "=== run-each: $name: the test host died (status 125); running it again in a fresh test host"
       continue
     fi
-    if [ "$rc" -ne 0 ] && [ "$rc" -ne 125 ] && [ "$test_failures" -eq 0 ]; then
-      test_failures=1
-      echo "=== run-each: $name FAILED (status $rc); running it once more to tell a flaky guest from a bug"
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 125 ] && [ "$test_failures" -lt 2 ]; then
+      test_failures=$((test_failures + 1))
+      echo "=== run-each: $name FAILED (status $rc, failure $test_failures); running it again to tell a flaky guest from a bug"
       continue
     fi
     break
@@ -59,7 +61,7 @@ while IFS= read -r exe || [ -n "$exe" ]; do
 done <"$list"
 
 for f in "${flaky[@]+"${flaky[@]}"}"; do
-  echo "    FLAKY (failed once, passed on the second run): $f"
+  echo "    FLAKY (failed, then passed on a rerun): $f"
 done
 for f in "${failures[@]+"${failures[@]}"}"; do
   echo "    FAILED: $f"

@@ -10,7 +10,7 @@
 //! max_vcpus = 8
 //! max_memory_mib = 8192
 //! kernel_params = ""                      # appended to the runtime's command line
-//! debug_console = false                   # guest console goes to the shim log when true
+//! debug_console = false                   # true: verbose guest kernel and agent, console in the shim log
 //! rootfs_mode = "virtio-fs"               # or "block"; unset: virtio-fs when virtiofsd is found
 //! virtiofsd = "/usr/libexec/capsa/virtiofsd"  # unset: the workspace's build/virtiofsd, then this
 //!

@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod cleanup;
 pub mod config;
+pub mod debug_console;
 pub mod events;
 pub mod install;
 pub mod sandbox;

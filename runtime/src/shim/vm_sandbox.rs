@@ -205,6 +205,11 @@ impl SandboxFactory for VmFactory {
                 .map(String::from)
                 .collect();
         }
+        if h.debug_console {
+            vm_config
+                .extra_cmdline
+                .extend(super::debug_console::DEBUG_CMDLINE.map(String::from));
+        }
         tracing::info!(
             sandbox = sandbox_id,
             vcpus = size.vcpus,
@@ -216,6 +221,10 @@ impl SandboxFactory for VmFactory {
             let _ = std::fs::remove_file(&image);
             SandboxError::Internal(format!("boot sandbox VM: {e}"))
         })?;
+        if h.debug_console {
+            // Ends by itself when the sandbox directory (and the console log in it) goes with the VM.
+            super::debug_console::follow(sandbox_id.to_owned(), vm.paths().console_log.clone());
+        }
         let client = vm.agent().raw().clone();
         let shared_dir = vm.shared_dir().map(Path::to_path_buf);
         let storages = if shared_dir.is_some() {

@@ -69,6 +69,21 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
             )
             .await
             .map_err(|e| format!("ExecSync: {e}"))?;
+        // What runs as PID 1 in container two and which signals it handles: the background for the StopContainer
+        // exit status below (printed, not compared).
+        if let Ok(p1) = cri
+            .exec_sync(
+                &two,
+                &[
+                    "sh",
+                    "-c",
+                    "echo comm=$(cat /proc/1/comm) pidns=$(readlink /proc/1/ns/pid); grep -E 'SigIgn|SigCgt' /proc/1/status",
+                ],
+            )
+            .await
+        {
+            eprintln!("{handler}: container two, PID 1: {}", String::from_utf8_lossy(&p1.stdout).replace('\n', " "));
+        }
         let st = cri.status(&two).await.map_err(|e| e.to_string())?;
         if st.state != k8s_cri::v1::ContainerState::ContainerRunning as i32 {
             return Err(format!("container two is not running: {st:?}"));

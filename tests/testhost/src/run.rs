@@ -531,7 +531,8 @@ fn qemu_command(plan: &Plan, tmp: &Path) -> Command {
     let esc = |p: &Path| p.display().to_string().replace(',', ",,");
     let mut c = Command::new(&plan.qemu);
     let cpu = std::env::var("CAPSA_TESTHOST_CPU").unwrap_or_else(|_| DEFAULT_CPU.to_string());
-    c.args(["-accel", "tcg", "-cpu", &cpu])
+    let accel = std::env::var("CAPSA_TESTHOST_ACCEL").unwrap_or_else(|_| "tcg".to_string());
+    c.args(["-accel", &accel, "-cpu", &cpu])
         .args([
             "-smp",
             &plan.cpus.to_string(),
