@@ -78,10 +78,19 @@ fn leftovers(tmp: &Path) -> Vec<String> {
     left
 }
 
-#[test]
-fn capsa_run_directory_and_image_archive() {
-    if !e2e_enabled("capsa_run_directory_and_image_archive") {
-        return;
+/// What every test here starts from: the guest inputs, a work dir with `tmp/` (capsa's TMPDIR) and a busybox
+/// rootfs directory.
+struct Setup {
+    inputs: Inputs,
+    dir: tempfile::TempDir,
+    tmp: PathBuf,
+    rootfs: PathBuf,
+}
+
+/// `None` when the end-to-end suites are not enabled here.
+fn setup(test: &str) -> Option<Setup> {
+    if !e2e_enabled(test) {
+        return None;
     }
     let inputs = Inputs::from_env();
     inputs.require();
@@ -89,6 +98,25 @@ fn capsa_run_directory_and_image_archive() {
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let rootfs = busybox_rootfs(dir.path());
+    Some(Setup {
+        inputs,
+        dir,
+        tmp,
+        rootfs,
+    })
+}
+
+#[test]
+fn capsa_run_directory_and_image_archive() {
+    let Some(Setup {
+        inputs,
+        dir,
+        tmp,
+        rootfs,
+    }) = setup("capsa_run_directory_and_image_archive")
+    else {
+        return;
+    };
 
     // A rootfs directory: stdout, stderr apart, exit code 3.
     let o = capsa(&inputs, &tmp)
@@ -230,15 +258,15 @@ fn read_pty_until(master: &mut std::fs::File, what: &str, want: impl Fn(&str) ->
 fn capsa_run_tty_follows_the_terminal_size() {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::process::CommandExt as _;
-    if !e2e_enabled("capsa_run_tty_follows_the_terminal_size") {
+    let Some(Setup {
+        inputs,
+        dir: _dir,
+        tmp,
+        rootfs,
+    }) = setup("capsa_run_tty_follows_the_terminal_size")
+    else {
         return;
-    }
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    let rootfs = busybox_rootfs(dir.path());
+    };
 
     let size = |rows, cols| nix::pty::Winsize {
         ws_row: rows,

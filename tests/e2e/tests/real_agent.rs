@@ -23,6 +23,18 @@ fn agent_binary() -> Option<PathBuf> {
         .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
+/// `agent` serving on the Unix socket `sock` (killed when the handle is dropped).
+fn spawn_agent(agent: &std::path::Path, sock: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(agent)
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent.display()))
+}
+
 #[tokio::test]
 async fn check_details_destroy_against_capsa_agent() {
     let Some(agent) = agent_binary() else {
@@ -33,14 +45,7 @@ async fn check_details_destroy_against_capsa_agent() {
     };
     let root = capsa_e2e::run_root();
     let sock = root.path().join("agent.sock");
-    let mut child = tokio::process::Command::new(&agent)
-        .arg("--listen")
-        .arg(format!("unix://{}", sock.display()))
-        .args(["--log-level", "warn"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent.display()));
+    let mut child = spawn_agent(&agent, &sock);
 
     let client =
         AgentClient::wait_ready(&AgentAddress::Unix(sock.clone()), Duration::from_secs(20))
@@ -71,14 +76,7 @@ async fn ready_notification_and_its_fallbacks() {
     };
     let root = capsa_e2e::run_root();
     let sock = root.path().join("agent.sock");
-    let _child = tokio::process::Command::new(&agent)
-        .arg("--listen")
-        .arg(format!("unix://{}", sock.display()))
-        .args(["--log-level", "warn"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent.display()));
+    let _child = spawn_agent(&agent, &sock);
     let addr = AgentAddress::Unix(sock.clone());
 
     let (tx, rx) = tokio::sync::mpsc::channel(1);
