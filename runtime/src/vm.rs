@@ -478,9 +478,12 @@ impl Vm {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| VmError::Spawn {
-                binary: config.vmm_binary.clone(),
-                source,
+            .map_err(|source| {
+                ready_task.abort();
+                VmError::Spawn {
+                    binary: config.vmm_binary.clone(),
+                    source,
+                }
             })?;
         let pid = child.id().unwrap_or(0);
         let stderr_log = Arc::new(Mutex::new(StderrLog::default()));
