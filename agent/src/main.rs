@@ -233,7 +233,6 @@ fn run(args: &Args, facts: AgentFacts) -> anyhow::Result<()> {
 /// [`READY_NOTIFY_VSOCK_PORT`]: capsa_proto::READY_NOTIFY_VSOCK_PORT
 fn notify_host_ready() {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
-    const VMADDR_CID_HOST: u32 = 2;
     let result = socket(
         AddressFamily::Vsock,
         SockType::Stream,
@@ -241,7 +240,7 @@ fn notify_host_ready() {
         None,
     )
     .and_then(|fd| {
-        let addr = VsockAddr::new(VMADDR_CID_HOST, capsa_proto::READY_NOTIFY_VSOCK_PORT);
+        let addr = VsockAddr::new(libc::VMADDR_CID_HOST, capsa_proto::READY_NOTIFY_VSOCK_PORT);
         connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
     });
     match result {

@@ -75,7 +75,10 @@ fn aligned_region(
     len: usize,
     file_offset: Option<FileOffset>,
 ) -> Result<GuestRegionMmap<()>, MemoryError> {
-    let mmap_err = |size| move |source| MemoryError::Mmap { size, source };
+    let mmap_err = |size| MemoryError::Mmap {
+        size,
+        source: std::io::Error::last_os_error(),
+    };
     // The reservation leaves room for the alignment and a PROT_NONE guard page on each side. The guards also
     // keep the next mapping the kernel places below the guest memory from ending on a 2 MiB boundary: a
     // 2 MiB thread stack there would be 2 MiB-aligned and, with THP "always", cost 2 MiB of RSS at once.
@@ -94,7 +97,7 @@ fn aligned_region(
         )
     };
     if reserve == libc::MAP_FAILED {
-        return Err(mmap_err(reserve_len)(std::io::Error::last_os_error()));
+        return Err(mmap_err(reserve_len));
     }
     let start = reserve as usize;
     let aligned = (start + GUARD).next_multiple_of(HOST_ALIGN);
@@ -120,7 +123,7 @@ fn aligned_region(
         )
     };
     let result = if mapped == libc::MAP_FAILED {
-        Err(mmap_err(len)(std::io::Error::last_os_error()))
+        Err(mmap_err(len))
     } else {
         Ok(())
     };

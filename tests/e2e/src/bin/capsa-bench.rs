@@ -234,7 +234,6 @@ fn ready_notifications() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
         accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
     };
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const VMADDR_CID_ANY: u32 = u32::MAX;
     let fd = socket(
         AddressFamily::Vsock,
         SockType::Stream,
@@ -243,7 +242,7 @@ fn ready_notifications() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
     )?;
     bind(
         fd.as_raw_fd(),
-        &VsockAddr::new(VMADDR_CID_ANY, capsa_proto::READY_NOTIFY_VSOCK_PORT),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, capsa_proto::READY_NOTIFY_VSOCK_PORT),
     )?;
     listen(&fd, Backlog::new(4)?)?;
     // SAFETY: the listener's descriptor is moved into the AsyncFd, which owns it until it is dropped.
