@@ -131,7 +131,12 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<VmEv
         }
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
         VcpuExit::Hlt => return Some(VmEvent::Halted),
-        VcpuExit::Shutdown => return Some(VmEvent::Shutdown),
+        VcpuExit::Shutdown => {
+            // The guest reboots through the i8042 (reboot=k), so this is a triple fault. (On AMD, KVM has
+            // already reset the vCPU by now: its registers would not say where it happened.)
+            warn!("vcpu {id}: guest shutdown (triple fault?)");
+            return Some(VmEvent::Shutdown);
+        }
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => return Some(VmEvent::Shutdown),
             KVM_SYSTEM_EVENT_CRASH => {

@@ -3,7 +3,7 @@
 //! The suites boot real guests and only run when `CAPSA_E2E=1` (set by `tests/e2e/run-suites.sh`, which
 //! `make e2e` runs inside the nested test host). Inputs come from `CAPSA_VMM`, `CAPSA_KERNEL` and
 //! `CAPSA_INITRD`, defaulting to `target/release/capsa-vmm`, `build/guest/vmlinux` and
-//! `build/guest/initrd.img` under the workspace root.
+//! `build/guest/initrd.img` under the workspace root; `CAPSA_E2E_CMDLINE` adds kernel command-line words.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,6 +92,11 @@ pub fn vm_config(inputs: &Inputs, run_root: &Path, vcpus: u32, memory_mib: u32) 
     // Nested virtualisation is slow and the suites may boot several guests at once.
     c.boot_timeout = Duration::from_secs(60);
     c.stop_timeout = Duration::from_secs(15);
+    // Diagnostics, e.g. CAPSA_E2E_CMDLINE=loglevel=8 to see every kernel message on the console.
+    if let Ok(extra) = std::env::var("CAPSA_E2E_CMDLINE") {
+        c.extra_cmdline
+            .extend(extra.split_whitespace().map(str::to_string));
+    }
     c
 }
 
@@ -131,6 +136,62 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
         .expect("write rootfs /etc");
     std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("write rootfs /etc");
     root
+}
+
+/// Copies a failed test's whole guest console to `$CAPSA_E2E_ARTIFACTS/<name>-console.log` when that variable
+/// names a directory (the sandbox directory, and the console log with it, goes away with the VM).
+pub fn keep_console(console_log: &Path, name: &str) {
+    let Some(dir) = std::env::var_os("CAPSA_E2E_ARTIFACTS") else {
+        return;
+    };
+    let to = Path::new(&dir).join(format!("{name}-console.log"));
+    match std::fs::copy(console_log, &to) {
+        Ok(_) => eprintln!("guest console kept in {}", to.display()),
+        Err(e) => eprintln!("cannot keep the guest console in {}: {e}", to.display()),
+    }
+}
+
+/// What every thread of process `pid` is doing: name, state, wait channel, current system call and kernel
+/// stack (as far as /proc shows them). Printed when a suite fails, to tell a guest that stopped running (a
+/// vCPU thread blocked in user space) from one that runs but does not answer.
+pub fn thread_report(pid: u32) -> String {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("({}: {e})", p.display()))
+    };
+    let dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut tids: Vec<u32> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(e) => return format!("process {pid}: {e}"),
+    };
+    tids.sort_unstable();
+    let mut out = String::new();
+    for tid in tids {
+        let t = dir.join(tid.to_string());
+        let stat = read(t.join("stat"));
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out.push_str(&format!(
+            "thread {tid} {} state {state} schedstat {} wchan {} syscall {}\n",
+            read(t.join("comm")),
+            read(t.join("schedstat")),
+            read(t.join("wchan")),
+            read(t.join("syscall")),
+        ));
+        for line in read(t.join("stack")).lines() {
+            out.push_str("    ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! need cgroup controllers (memory, pids) are skipped there because a cgroup v1 host keeps the
 //! controllers.
 //!
-//! Everything runs in one test so one guest serves all scenarios (booting is the slow part).
+//! The scenarios come in four groups, each a test with a guest of its own: a failure (the nested test host
+//! is not stable) then costs one group's rerun, not the whole suite's.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,13 +18,15 @@ use capsa_e2e::{busybox_rootfs, e2e_enabled, median, run_root, vm_config, worksp
 use capsa_proto::agent::{self, Storage, StorageDriver};
 use capsa_proto::agent_ttrpc::AgentServiceClient;
 use capsa_runtime::vm::{Disk, Vm};
+use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
 const ROOTFS_MNT: &str = "/run/capsa/storage/busybox";
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(120_000_000_000)
+    // Generous for a nested guest, short enough that a stalled one fails its test in a minute.
+    ttrpc::context::with_timeout(60_000_000_000)
 }
 
 /// An ext4 image of `root` (`mkfs.ext4 -d`).
@@ -212,7 +215,8 @@ impl Agent {
     }
 }
 
-async fn scenarios(a: &Agent) {
+/// Process semantics: stdout, exit codes, signals, exec, stdin, tty.
+async fn processes(a: &Agent) {
     let rootfs = a.rootfs.as_str();
 
     // echo, with the start-to-first-byte time.
@@ -303,8 +307,11 @@ async fn scenarios(a: &Agent) {
     assert!(out.contains("got:hi"), "{out:?}");
     assert_eq!(a.wait("tty", "").await, 0);
     a.remove("tty").await;
+}
 
-    // 100 MiB on stdout, byte-exact, read in 256 KiB chunks.
+/// 100 MiB on stdout, byte-exact, read in 256 KiB chunks.
+async fn stdout_100mib(a: &Agent) {
+    let rootfs = a.rootfs.as_str();
     let total = 100 * MIB;
     a.run(
         "big",
@@ -344,7 +351,11 @@ async fn scenarios(a: &Agent) {
         n as f64 / MIB as f64 / secs,
         n / MIB
     );
+}
 
+/// Isolation and limits: read-only rootfs, the pod's shared namespaces, memory (OOM), pids, stats.
+async fn isolation_and_limits(a: &Agent) {
+    let rootfs = a.rootfs.as_str();
     // read-only rootfs
     let mut s = spec(&["/bin/sh", "-c", "touch /newfile"], rootfs);
     s["root"]["readonly"] = json!(true);
@@ -426,8 +437,11 @@ async fn scenarios(a: &Agent) {
     } else {
         eprintln!("SKIPPED memory/pids/stats scenarios: no cgroup controllers here");
     }
+}
 
-    // Bad input: each gets an error naming the problem; the agent keeps serving.
+/// Bad input: each gets an error naming the problem; the agent keeps serving.
+async fn bad_input(a: &Agent) {
+    let rootfs = a.rootfs.as_str();
     a.run("keep", &spec(&["/bin/sleep", "1000"], rootfs)).await;
     let e = a
         .create("keep", &spec(&["/bin/true"], rootfs))
@@ -474,9 +488,12 @@ async fn create_sandbox(c: &AgentServiceClient) {
     c.create_sandbox(ctx(), &r).await.expect("CreateSandbox");
 }
 
-#[tokio::test]
-async fn containers_in_a_guest() {
-    if !e2e_enabled("containers_in_a_guest") {
+type Scenario = for<'a> fn(&'a Agent) -> BoxFuture<'a, ()>;
+
+/// Boots a guest with the busybox disk, runs `scenario` against its agent and stops it. On failure the guest
+/// console, the VMM's log and threads and how the VMM ended are printed with the panic.
+async fn in_a_guest(name: &str, scenario: Scenario) {
+    if !e2e_enabled(name) {
         return;
     }
     let inputs = Inputs::from_env();
@@ -507,20 +524,49 @@ async fn containers_in_a_guest() {
         rootfs: ROOTFS_MNT.into(),
         cgroups: true,
     };
-    // Scenarios run in their own task so that, when one fails, the guest's console is printed with the panic
+    // The scenario runs in its own task so that, when it fails, the guest's console is printed with the panic
     // (a guest that stopped mid-run otherwise shows only as a broken ttrpc stream).
-    let outcome = tokio::spawn(async move { scenarios(&a).await }).await;
+    let outcome = tokio::spawn(async move { scenario(&a).await }).await;
     if outcome.is_err() || std::env::var_os("CAPSA_E2E_CONSOLE").is_some() {
         eprintln!(
-            "guest console (tail):\n{}\nVMM stderr (tail):\n{}",
+            "guest console (tail):\n{}\nVMM stderr (tail):\n{}\nVMM threads:\n{}",
             vm.console_tail(),
-            vm.stderr_tail()
+            vm.stderr_tail(),
+            capsa_e2e::thread_report(vm.pid())
         );
     }
     if let Err(e) = outcome {
+        capsa_e2e::keep_console(&vm.paths().console_log, name);
+        // How the VMM ended (a guest triple fault shows as GuestShutdown in its log) tells a dead guest from a
+        // stuck one.
+        eprintln!("VMM exit: {:?}", vm.stop().await);
         std::panic::resume_unwind(e.into_panic());
     }
     vm.stop().await.expect("stop");
+}
+
+// One guest per group, so a retry after a failure (run-suites.sh runs each test on its own) repeats little.
+#[tokio::test]
+async fn containers_processes() {
+    in_a_guest("containers_processes", |a| Box::pin(processes(a))).await;
+}
+
+#[tokio::test]
+async fn containers_stdout_100mib() {
+    in_a_guest("containers_stdout_100mib", |a| Box::pin(stdout_100mib(a))).await;
+}
+
+#[tokio::test]
+async fn containers_isolation_and_limits() {
+    in_a_guest("containers_isolation_and_limits", |a| {
+        Box::pin(isolation_and_limits(a))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn containers_bad_input() {
+    in_a_guest("containers_bad_input", |a| Box::pin(bad_input(a))).await;
 }
 
 /// Same scenarios against a local agent (development aid; see the module docs).
@@ -569,7 +615,10 @@ async fn containers_local_agent() {
         rootfs: rootfs.to_string_lossy().into_owned(),
         cgroups: false,
     };
-    scenarios(&a).await;
+    processes(&a).await;
+    stdout_100mib(&a).await;
+    isolation_and_limits(&a).await;
+    bad_input(&a).await;
     // Kills what is left and makes the (non-PID-1) agent exit.
     let _ =
         a.c.destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new())
