@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod guest;
 pub mod helper;
 pub mod path;
+pub mod pod_init;
 pub mod spec;
 pub mod stdio;
 pub mod storage;
@@ -30,10 +31,8 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::reaper::{ChildExit, Reaper};
 use helper::{run_helper, HelperRequest};
+use pod_init::PAUSE_ARG;
 use stdio::Stdio;
-
-/// argv[1] of the pod's namespace holder.
-pub const PAUSE_ARG: &str = "__pause";
 
 /// Runs a container sub-command of the agent binary if argv asks for one; returns its exit code.
 /// `main` calls this first, before any runtime or thread exists.
@@ -42,10 +41,7 @@ pub fn maybe_run_subcommand() -> Option<i32> {
     let _ = args.next();
     match args.next().as_deref() {
         Some(helper::HELPER_ARG) => Some(helper::helper_main(&args.next().unwrap_or_default())),
-        Some(PAUSE_ARG) => loop {
-            // The pod's namespace holder: sleep until killed.
-            nix::unistd::pause();
-        },
+        Some(pod_init::PAUSE_ARG) => Some(pod_init::holder_main()),
         _ => None,
     }
 }
@@ -306,17 +302,18 @@ impl Containers {
         }
     }
 
-    /// Starts the namespace holder: `capsa-agent __pause` in new ipc and uts namespaces.
+    /// Starts the namespace holder (`capsa-agent __pause`, see [`pod_init`]) in new ipc, uts and pid
+    /// namespaces; the pod's namespaces are those of its child, PID 1 of the new pid namespace.
     async fn start_pod(&self, hostname: &str) -> Result<Pod> {
         let reaper = self.reaper.clone();
         let hostname = hostname.to_string();
-        let (pid, exit) = blocking(move || {
+        let (init, exit) = blocking(move || {
             reaper.spawn_registered(|| {
                 let exe = std::env::current_exe()?;
                 let mut cmd = std::process::Command::new(exe);
                 cmd.arg(PAUSE_ARG)
                     .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::null());
                 let h = hostname.clone();
                 // SAFETY: only syscalls (unshare, sethostname) between fork and exec.
@@ -324,7 +321,8 @@ impl Containers {
                     cmd.pre_exec(move || {
                         nix::sched::unshare(
                             nix::sched::CloneFlags::CLONE_NEWIPC
-                                | nix::sched::CloneFlags::CLONE_NEWUTS,
+                                | nix::sched::CloneFlags::CLONE_NEWUTS
+                                | nix::sched::CloneFlags::CLONE_NEWPID,
                         )?;
                         if !h.is_empty() {
                             nix::unistd::sethostname(&h)?;
@@ -332,9 +330,17 @@ impl Containers {
                         Ok(())
                     });
                 }
-                let child = cmd.spawn()?;
+                let mut child = cmd.spawn()?;
                 let pid = i32::try_from(child.id()).map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>((Pid::from_raw(pid), pid))
+                // The holder writes its child's pid at once; EOF instead means it failed (the reaper gets it).
+                let mut line = String::new();
+                if let Some(out) = child.stdout.take() {
+                    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+                }
+                let init: i32 = line.trim().parse().map_err(|_| {
+                    std::io::Error::other(format!("the holder reported {line:?}, not a pid"))
+                })?;
+                Ok::<_, std::io::Error>((Pid::from_raw(pid), init))
             })
         })
         .await?
@@ -346,8 +352,9 @@ impl Containers {
         });
         Ok(Pod {
             ns: spec::PodNamespaces {
-                ipc: format!("/proc/{pid}/ns/ipc").into(),
-                uts: format!("/proc/{pid}/ns/uts").into(),
+                ipc: format!("/proc/{init}/ns/ipc").into(),
+                uts: format!("/proc/{init}/ns/uts").into(),
+                pid: format!("/proc/{init}/ns/pid").into(),
             },
         })
     }

@@ -63,6 +63,8 @@ const KNOWN_NAMESPACES: &[&str] = &[
 pub struct PodNamespaces {
     pub ipc: PathBuf,
     pub uts: PathBuf,
+    /// The pod's pid namespace, for containers that share it (Kubernetes' `shareProcessNamespace`).
+    pub pid: PathBuf,
 }
 
 /// What `prepare_spec` needs to know about the guest.
@@ -194,7 +196,7 @@ pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, Sp
     spec.set_hooks(None);
 
     let mut linux = spec.linux().clone().unwrap_or_default();
-    // Namespaces: the pod shares the guest's network namespace (the VM is the pod); ipc and uts are
+    // Namespaces: the pod shares the guest's network namespace (the VM is the pod); ipc, uts and pid are
     // the pod's when the spec joins one (any path, as CRI sends), private when it asks for new ones.
     let mut namespaces: Vec<LinuxNamespace> = Vec::new();
     let mut shared_uts = false;
@@ -207,6 +209,7 @@ pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, Sp
         match ns.typ() {
             LinuxNamespaceType::Network => continue,
             LinuxNamespaceType::Ipc if joins => ns.set_path(Some(ctx.pod.ipc.clone())),
+            LinuxNamespaceType::Pid if joins => ns.set_path(Some(ctx.pod.pid.clone())),
             LinuxNamespaceType::Uts if joins => {
                 shared_uts = true;
                 ns.set_path(Some(ctx.pod.uts.clone()))
@@ -429,6 +432,7 @@ mod tests {
         PodNamespaces {
             ipc: "/run/capsa/sandbox/ns/ipc".into(),
             uts: "/run/capsa/sandbox/ns/uts".into(),
+            pid: "/run/capsa/sandbox/ns/pid".into(),
         }
     }
 
@@ -478,6 +482,25 @@ mod tests {
         // Joining the pod's UTS namespace drops the per-container hostname; hooks are dropped.
         assert_eq!(spec.hostname(), &None);
         assert!(spec.hooks().is_none());
+    }
+
+    #[test]
+    fn a_pid_namespace_path_joins_the_pods() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = base_json(d.path());
+        // What CRI sends for a pod with shareProcessNamespace: the pause container's namespace on the host.
+        v["linux"]["namespaces"] =
+            json!([{"type": "pid", "path": "/proc/4242/ns/pid"}, {"type": "mount"}]);
+        let spec = prepare(v, None).unwrap();
+        let nss = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let pid = nss
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Pid)
+            .unwrap();
+        assert_eq!(
+            pid.path().as_deref(),
+            Some(Path::new("/run/capsa/sandbox/ns/pid"))
+        );
     }
 
     #[test]

@@ -382,6 +382,30 @@ async fn isolation_and_limits(a: &Agent) {
     let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
     assert_ne!(lines(&o1)[1], lines(&o3)[1], "ipc namespace should differ");
 
+    // Containers that join the pod's pid namespace (any path, as CRI sends for shareProcessNamespace) see
+    // each other's processes and the pod's "pause" as PID 1; the others keep their own.
+    let mut shared = spec(&["/bin/sleep", "1000"], rootfs);
+    shared["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/1/ns/pid"});
+    a.run("pidshare1", &shared).await;
+    let mut probe = spec(
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /proc/1/comm; ps | grep -c '[s]leep 1000'",
+        ],
+        rootfs,
+    );
+    probe["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/1/ns/pid"});
+    let (o, e, st) = a.run_to_end("pidshare2", &probe).await;
+    assert_eq!((o.as_str(), st), ("pause\n1\n", 0), "{e:?}");
+    let (o, _, _) = a
+        .run_to_end("pidown", &spec(&["/bin/cat", "/proc/1/comm"], rootfs))
+        .await;
+    assert_eq!(o, "cat\n");
+    a.signal("pidshare1", "", 9).await;
+    assert_eq!(a.wait("pidshare1", "").await, 137);
+    a.remove("pidshare1").await;
+
     if a.cgroups {
         // memory limit → OOM kill → GetOOMEvent
         let mut s = spec(&["/bin/sh", "-c", "tail /dev/zero"], rootfs);
