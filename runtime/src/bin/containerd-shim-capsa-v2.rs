@@ -169,7 +169,8 @@ async fn serve_async(flags: Flags, config: CapsaConfig) -> anyhow::Result<()> {
         Arc::new(ContainerdEvents::new(publisher, flags.namespace.clone())),
         Arc::new(HostMounter),
         exit.clone(),
-    );
+    )
+    .with_namespace(&flags.namespace);
     let task: Arc<dyn Task + Send + Sync> = Arc::new(svc.clone());
     let mut services = HashMap::new();
     for name in TASK_SERVICES {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod debug_console;
 pub mod events;
 pub mod install;
+pub mod log_binary;
 pub mod sandbox;
 pub mod shared_fs;
 pub mod stdio;

@@ -1,4 +1,4 @@
-//! containerd's stdio (FIFOs, `file://` URIs, or nothing) ⇄ the agent's stream calls.
+//! containerd's stdio (FIFOs, `file://` and `binary://` URIs, or nothing) ⇄ the agent's stream calls.
 //!
 //! - Output: `ReadStdout`/`ReadStderr` one chunk at a time, each chunk written whole before the next
 //!   is asked for, so a slow reader on the host holds the container back instead of the shim
@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::log_binary::LoggingBinary;
 use super::sandbox::{Sandbox, SandboxError};
 
 /// Largest chunk asked of the agent per read.
@@ -26,10 +27,14 @@ pub const CLOSE_GRACE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    #[error("stdio URI {0:?}: binary:// logging is not supported by capsa; use a FIFO or file://")]
+    #[error("{0}")]
     BinaryUri(String),
     #[error("stdio URI {0:?} is not understood")]
     BadUri(String),
+    #[error("stdin cannot be a logging binary ({0:?})")]
+    BinaryStdin(String),
+    #[error("stdout is the logging binary {stdout:?}, so stderr must be the same URI or empty, not {stderr:?}")]
+    BinaryMismatch { stdout: String, stderr: String },
 }
 
 /// Where one stream goes.
@@ -40,6 +45,8 @@ pub enum Target {
     Path(PathBuf),
     /// `file://` URI: a regular file, appended to.
     File(PathBuf),
+    /// `binary://` URI: a logging binary that gets stdout and stderr (see [`super::log_binary`]).
+    Binary(LoggingBinary),
 }
 
 impl Target {
@@ -50,8 +57,8 @@ impl Target {
         if let Some(p) = uri.strip_prefix("file://") {
             return Ok(Target::File(PathBuf::from(p)));
         }
-        if uri.starts_with("binary://") {
-            return Err(StdioError::BinaryUri(uri.to_owned()));
+        if let Some(b) = LoggingBinary::parse(uri) {
+            return b.map(Target::Binary).map_err(StdioError::BinaryUri);
         }
         if uri.contains("://") {
             return Err(StdioError::BadUri(uri.to_owned()));
@@ -76,7 +83,7 @@ impl StdioConfig {
         stderr: &str,
         terminal: bool,
     ) -> Result<Self, StdioError> {
-        Ok(StdioConfig {
+        let cfg = StdioConfig {
             stdin: Target::parse(stdin)?,
             stdout: Target::parse(stdout)?,
             // With a terminal there is one output stream.
@@ -86,7 +93,29 @@ impl StdioConfig {
                 Target::parse(stderr)?
             },
             terminal,
-        })
+        };
+        if matches!(cfg.stdin, Target::Binary(_)) {
+            return Err(StdioError::BinaryStdin(stdin.to_owned()));
+        }
+        // One logging binary takes both streams, as containerd sends the same URI for both.
+        let stderr_ok = matches!(cfg.stderr, Target::None) || cfg.stderr == cfg.stdout;
+        match &cfg.stdout {
+            Target::Binary(b) if stderr_ok => b.check().map_err(StdioError::BinaryUri)?,
+            Target::Binary(_) => {
+                return Err(StdioError::BinaryMismatch {
+                    stdout: stdout.to_owned(),
+                    stderr: stderr.to_owned(),
+                })
+            }
+            _ if matches!(cfg.stderr, Target::Binary(_)) => {
+                return Err(StdioError::BinaryMismatch {
+                    stdout: stdout.to_owned(),
+                    stderr: stderr.to_owned(),
+                })
+            }
+            _ => {}
+        }
+        Ok(cfg)
     }
 }
 
@@ -104,17 +133,35 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Starts copying. Call it once the process exists in the guest.
-    pub fn spawn(sandbox: Arc<dyn Sandbox>, cid: &str, exec_id: &str, cfg: &StdioConfig) -> Self {
+    /// Starts copying. Call it once the process exists in the guest; `namespace` is containerd's, for a
+    /// logging binary.
+    pub fn spawn(
+        sandbox: Arc<dyn Sandbox>,
+        cid: &str,
+        exec_id: &str,
+        cfg: &StdioConfig,
+        namespace: &str,
+    ) -> Self {
         let mut outputs = Vec::new();
-        outputs.push(tokio::spawn(copy_output(
-            sandbox.clone(),
-            cid.to_owned(),
-            exec_id.to_owned(),
-            Stream::Stdout,
-            cfg.stdout.clone(),
-        )));
-        if !cfg.terminal {
+        if let Target::Binary(b) = &cfg.stdout {
+            outputs.push(tokio::spawn(copy_to_logger(
+                sandbox.clone(),
+                cid.to_owned(),
+                exec_id.to_owned(),
+                b.clone(),
+                namespace.to_owned(),
+                !cfg.terminal,
+            )));
+        } else {
+            outputs.push(tokio::spawn(copy_output(
+                sandbox.clone(),
+                cid.to_owned(),
+                exec_id.to_owned(),
+                Stream::Stdout,
+                cfg.stdout.clone(),
+            )));
+        }
+        if !cfg.terminal && !matches!(cfg.stdout, Target::Binary(_)) {
             outputs.push(tokio::spawn(copy_output(
                 sandbox.clone(),
                 cid.to_owned(),
@@ -125,7 +172,7 @@ impl Bridge {
         }
         let close_stdin = Arc::new(Notify::new());
         let stdin = match &cfg.stdin {
-            Target::None => None,
+            Target::None | Target::Binary(_) => None,
             Target::Path(p) | Target::File(p) => Some(tokio::spawn(copy_input(
                 sandbox,
                 cid.to_owned(),
@@ -197,6 +244,80 @@ async fn open_output(target: &Target) -> std::io::Result<Option<tokio::fs::File>
             .open(p)
             .await
             .map(Some),
+        // Handled by `copy_to_logger`.
+        Target::Binary(_) => Ok(None),
+    }
+}
+
+/// Starts the logging binary and copies stdout (and stderr, without a terminal) into it; then gives it
+/// [`super::log_binary::EXIT_GRACE`] to exit. If it cannot start, the output is drained and dropped so the
+/// container never blocks on it.
+async fn copy_to_logger(
+    sandbox: Arc<dyn Sandbox>,
+    cid: String,
+    exec_id: String,
+    binary: LoggingBinary,
+    namespace: String,
+    with_stderr: bool,
+) {
+    let logger = match binary.start(&cid, &namespace).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(%cid, %exec_id, binary = %binary.path.display(), error = %e,
+                "cannot start the logging binary; dropping the output");
+            None
+        }
+    };
+    let (mut child, out, err) = match logger {
+        Some(l) => (
+            Some(l.child),
+            Some(tokio::fs::File::from_std(l.stdout)),
+            Some(tokio::fs::File::from_std(l.stderr)),
+        ),
+        None => (None, None, None),
+    };
+    let pump = |stream: Stream, mut w: Option<tokio::fs::File>| {
+        let (sandbox, cid, exec_id) = (sandbox.clone(), cid.clone(), exec_id.clone());
+        async move {
+            let r = pump_output(
+                || {
+                    let (sandbox, cid, exec_id) = (sandbox.clone(), cid.clone(), exec_id.clone());
+                    async move {
+                        match stream {
+                            Stream::Stdout => sandbox.read_stdout(&cid, &exec_id, READ_CHUNK).await,
+                            Stream::Stderr => sandbox.read_stderr(&cid, &exec_id, READ_CHUNK).await,
+                        }
+                    }
+                },
+                w.as_mut(),
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(%cid, %exec_id, ?stream, error = %e, "output copy ended");
+            }
+            if let Some(mut w) = w {
+                let _ = w.flush().await;
+            }
+            // `w` is dropped here: the logging binary sees EOF on this stream.
+        }
+    };
+    if with_stderr {
+        tokio::join!(pump(Stream::Stdout, out), pump(Stream::Stderr, err));
+    } else {
+        drop(err);
+        pump(Stream::Stdout, out).await;
+    }
+    if let Some(child) = child.as_mut() {
+        match tokio::time::timeout(super::log_binary::EXIT_GRACE, child.wait()).await {
+            Ok(Ok(st)) if !st.success() => {
+                tracing::warn!(%cid, %exec_id, status = %st, "the logging binary failed")
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(%cid, %exec_id, "the logging binary did not exit after its input ended; killing it");
+                let _ = child.kill().await;
+            }
+        }
     }
 }
 
@@ -363,8 +484,21 @@ mod tests {
         );
         assert!(matches!(
             Target::parse("binary:///usr/bin/logger?a=b"),
+            Ok(Target::Binary(_))
+        ));
+        assert!(matches!(
+            Target::parse("binary://not/absolute"),
             Err(StdioError::BinaryUri(_))
         ));
+        // Both streams go to one logging binary; it must exist; stdin cannot be one.
+        let c =
+            StdioConfig::parse("", "binary:///bin/sh?x=1", "binary:///bin/sh?x=1", false).unwrap();
+        assert!(matches!(c.stdout, Target::Binary(_)));
+        assert!(StdioConfig::parse("", "binary:///bin/sh", "/e", false).is_err());
+        assert!(StdioConfig::parse("", "/o", "binary:///bin/sh", false).is_err());
+        assert!(StdioConfig::parse("binary:///bin/sh", "", "", false).is_err());
+        let e = StdioConfig::parse("", "binary:///no/such/logger", "", false).unwrap_err();
+        assert!(e.to_string().contains("/no/such/logger"), "{e}");
         assert!(Target::parse("http://x").is_err());
         let c = StdioConfig::parse("", "/o", "/e", true).unwrap();
         assert_eq!(c.stderr, Target::None, "a terminal has no stderr");

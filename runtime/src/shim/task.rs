@@ -193,6 +193,8 @@ struct Inner {
     sandbox: tokio::sync::Mutex<Option<(String, Arc<dyn Sandbox>)>>,
     containers: Mutex<HashMap<String, Container>>,
     exit: Arc<ExitSignal>,
+    /// containerd's namespace (the shim's `-namespace`), told to logging binaries.
+    namespace: String,
 }
 
 /// The Task service. Cheap to clone.
@@ -216,8 +218,17 @@ impl TaskService {
                 sandbox: tokio::sync::Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 exit,
+                namespace: String::new(),
             }),
         }
+    }
+
+    /// Sets containerd's namespace (call before serving).
+    pub fn with_namespace(mut self, namespace: &str) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.namespace = namespace.to_owned();
+        }
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
@@ -587,7 +598,7 @@ impl Task for TaskService {
             None => sb.start_container(cid).await?,
             Some(spec) => sb.exec_process(cid, eid, spec).await?,
         }
-        let bridge = Bridge::spawn(sb.clone(), cid, eid, &stdio);
+        let bridge = Bridge::spawn(sb.clone(), cid, eid, &stdio, &self.inner.namespace);
         {
             let mut map = self.lock();
             if let Some(p) = map.get_mut(cid).and_then(|c| c.proc_mut(eid)) {

@@ -287,7 +287,8 @@ fn harness() -> Harness {
         events.clone(),
         mounter.clone(),
         exit.clone(),
-    );
+    )
+    .with_namespace("testns");
     Harness {
         svc,
         factory,
@@ -473,6 +474,46 @@ async fn lifecycle_events_come_in_containerds_order_and_output_is_complete() {
 }
 
 #[tokio::test]
+async fn a_logging_binary_gets_the_output_the_arguments_and_the_container_id() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = harness();
+    let d = h.dir.path().display().to_string();
+    let script = h.dir.path().join("logger");
+    // containerd's contract: fd 3 = stdout, 4 = stderr, 5 = readiness (closed when ready).
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$CONTAINER_ID $CONTAINER_NAMESPACE $*\" > {d}/meta\nexec 5>&-\n\
+             cat <&3 > {d}/out &\ncat <&4 > {d}/err\nwait\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?tag=web+1", script.display());
+    h.create("c1", &uri).await.unwrap();
+    h.start("c1", "").await.unwrap();
+    let sb = h.factory.sandbox.clone();
+    sb.push_stdout("c1", "", b"line one\n");
+    sb.push_stdout("c1", "", b"line two\n");
+    sb.set_exit("c1", "", 0);
+    assert_eq!(h.wait("c1", "").await.exit_status, 0);
+    // Wait returns once the output was delivered and the logging binary exited.
+    let read = |f: &str| std::fs::read_to_string(h.dir.path().join(f)).unwrap();
+    assert_eq!(read("out"), "line one\nline two\n");
+    assert_eq!(read("err"), "");
+    assert_eq!(read("meta"), "c1 testns tag web 1\n");
+    h.delete("c1", "").await.unwrap();
+
+    // A logging binary that does not exist fails the create, naming it.
+    let e = h
+        .create("c2", "binary:///no/such/logger")
+        .await
+        .unwrap_err();
+    assert_eq!(code(e.clone()), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(format!("{e:?}").contains("/no/such/logger"), "{e:?}");
+}
+
+#[tokio::test]
 async fn state_errors_use_containerds_codes() {
     let h = harness();
     h.create("c1", "").await.unwrap();
@@ -541,7 +582,7 @@ async fn state_errors_use_containerds_codes() {
             api::CreateTaskRequest {
                 id: "c2".into(),
                 bundle,
-                stdout: "binary:///usr/bin/logger".into(),
+                stdout: "syslog://localhost".into(),
                 ..Default::default()
             },
         )
