@@ -276,6 +276,66 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
     );
 }
 
+/// A container over its memory limit is killed in the guest: `ctr` sees exit 137 and containerd gets the
+/// shim's TaskOOM event.
+#[test]
+fn an_oom_kill_reaches_containerd_as_a_task_oom_event() {
+    if !e2e_enabled("an_oom_kill_reaches_containerd_as_a_task_oom_event") {
+        return;
+    }
+    if !have("containerd") || !have("ctr") {
+        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
+        return;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    let c = start_containerd(&inputs);
+    let events_log = c.dir.path().join("events.log");
+    let mut events = Command::new("ctr")
+        .arg("-a")
+        .arg(&c.sock)
+        .arg("events")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&events_log).expect("events log"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "16777216",
+        IMAGE,
+        "e2e-oom",
+        "sh",
+        "-c",
+        "tail /dev/zero",
+    ]);
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    // Events are published asynchronously; the OOM one may trail the exit.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = std::fs::read_to_string(&events_log).unwrap_or_default();
+        if seen
+            .lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("e2e-oom"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no /tasks/oom event for e2e-oom; events seen:\n{seen}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+}
+
 /// Entries of /proc/self/mountinfo at or below `dir`.
 fn mounts_under(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
