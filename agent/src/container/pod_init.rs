@@ -16,7 +16,8 @@ use nix::unistd::{fork, ForkResult, Pid};
 /// argv[1] of the pod's namespace holder.
 pub const PAUSE_ARG: &str = "__pause";
 
-/// Entry point of `capsa-agent __pause` (called from `main` before any thread exists); returns only on error.
+/// Entry point of `capsa-agent __pause` (called from `main` before any thread exists); returns once the pod's
+/// init is gone (killed with the sandbox), or at once if it could not be started.
 pub fn holder_main() -> i32 {
     // SAFETY: the holder is single-threaded (no runtime has started), so the child may run any code.
     match unsafe { fork() } {

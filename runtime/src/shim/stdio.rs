@@ -276,30 +276,9 @@ async fn copy_to_logger(
         ),
         None => (None, None, None),
     };
-    let pump = |stream: Stream, mut w: Option<tokio::fs::File>| {
-        let (sandbox, cid, exec_id) = (sandbox.clone(), cid.clone(), exec_id.clone());
-        async move {
-            let r = pump_output(
-                || {
-                    let (sandbox, cid, exec_id) = (sandbox.clone(), cid.clone(), exec_id.clone());
-                    async move {
-                        match stream {
-                            Stream::Stdout => sandbox.read_stdout(&cid, &exec_id, READ_CHUNK).await,
-                            Stream::Stderr => sandbox.read_stderr(&cid, &exec_id, READ_CHUNK).await,
-                        }
-                    }
-                },
-                w.as_mut(),
-            )
-            .await;
-            if let Err(e) = r {
-                tracing::debug!(%cid, %exec_id, ?stream, error = %e, "output copy ended");
-            }
-            if let Some(mut w) = w {
-                let _ = w.flush().await;
-            }
-            // `w` is dropped here: the logging binary sees EOF on this stream.
-        }
+    // Each stream's file is closed when its copy ends: the logging binary then sees EOF on it.
+    let pump = |stream: Stream, w: Option<tokio::fs::File>| {
+        copy_stream(sandbox.clone(), cid.clone(), exec_id.clone(), stream, w)
     };
     if with_stderr {
         tokio::join!(pump(Stream::Stdout, out), pump(Stream::Stderr, err));
@@ -328,25 +307,34 @@ async fn copy_output(
     stream: Stream,
     target: Target,
 ) {
-    let mut out = match open_output(&target).await {
+    let out = match open_output(&target).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(%cid, %exec_id, ?stream, ?target, error = %e, "cannot open output; dropping it");
             None
         }
     };
-    let read = |sandbox: Arc<dyn Sandbox>, cid: String, exec_id: String| async move {
-        match stream {
-            Stream::Stdout => sandbox.read_stdout(&cid, &exec_id, READ_CHUNK).await,
-            Stream::Stderr => sandbox.read_stderr(&cid, &exec_id, READ_CHUNK).await,
+    copy_stream(sandbox, cid, exec_id, stream, out).await;
+}
+
+/// Copies one stream of a process into `out` (or drains it) until EOF, then flushes and closes `out`.
+async fn copy_stream<W: AsyncWrite + Unpin>(
+    sandbox: Arc<dyn Sandbox>,
+    cid: String,
+    exec_id: String,
+    stream: Stream,
+    mut out: Option<W>,
+) {
+    let read = || {
+        let (sandbox, cid, exec_id) = (sandbox.clone(), cid.clone(), exec_id.clone());
+        async move {
+            match stream {
+                Stream::Stdout => sandbox.read_stdout(&cid, &exec_id, READ_CHUNK).await,
+                Stream::Stderr => sandbox.read_stderr(&cid, &exec_id, READ_CHUNK).await,
+            }
         }
     };
-    if let Err(e) = pump_output(
-        || read(sandbox.clone(), cid.clone(), exec_id.clone()),
-        out.as_mut(),
-    )
-    .await
-    {
+    if let Err(e) = pump_output(read, out.as_mut()).await {
         tracing::debug!(%cid, %exec_id, ?stream, error = %e, "output copy ended");
     }
     if let Some(mut f) = out {
