@@ -12,6 +12,15 @@ use capsa_e2e::{e2e_enabled, workspace_root, Inputs};
 
 const IMAGE: &str = "docker.io/library/busybox:capsa";
 const RUNTIME: &str = "io.containerd.capsa.v2";
+/// `ctr run` of a throw-away container with capsa's runtime (image, id and command follow).
+const RUN_RM: [&str; 6] = [
+    "run",
+    "--rm",
+    "--snapshotter",
+    "native",
+    "--runtime",
+    RUNTIME,
+];
 
 struct Containerd {
     child: Child,
@@ -35,6 +44,15 @@ impl Containerd {
             .stdin(Stdio::null())
             .output()
             .expect("run ctr")
+    }
+
+    /// `ctr run --rm` of the busybox image with capsa's runtime: `flags` go before the image, `cmd` after the id.
+    fn run_rm(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        let mut args = RUN_RM.to_vec();
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -65,6 +83,30 @@ fn shim_dir() -> PathBuf {
         }
     }
     panic!("containerd-shim-capsa-v2 not built (cargo build --release -p capsa-runtime)");
+}
+
+/// containerd with capsa's shim for test `name`, or `None` (with the reason printed) when the real-guest suites
+/// are off or a tool is missing; `tools` are needed besides containerd and ctr.
+fn containerd_for(name: &str, tools: &[&str]) -> Option<Containerd> {
+    if !e2e_enabled(name) {
+        return None;
+    }
+    let missing: Vec<&str> = ["containerd", "ctr"]
+        .iter()
+        .chain(tools)
+        .copied()
+        .filter(|t| !have(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "skipping {name}: {} not installed (apt-get install them)",
+            missing.join(", ")
+        );
+        return None;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    Some(start_containerd(&inputs))
 }
 
 fn start_containerd(inputs: &Inputs) -> Containerd {
@@ -164,30 +206,10 @@ fn vmm_processes(needle: &str) -> usize {
 
 #[test]
 fn ctr_run_exec_kill_delete_leave_nothing_behind() {
-    if !e2e_enabled("ctr_run_exec_kill_delete_leave_nothing_behind") {
+    let Some(c) = containerd_for("ctr_run_exec_kill_delete_leave_nothing_behind", &[]) else {
         return;
-    }
-    if !have("containerd") || !have("ctr") {
-        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
-        return;
-    }
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let c = start_containerd(&inputs);
-    let run = |id: &str, cmd: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--snapshotter",
-            "native",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            id,
-        ];
-        args.extend_from_slice(cmd);
-        c.ctr(&args)
     };
+    let run = |id: &str, cmd: &[&str]| c.run_rm(&[], id, cmd);
 
     let o = run("e2e-echo", &["echo", "hello"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -280,16 +302,9 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
 /// shim's TaskOOM event.
 #[test]
 fn an_oom_kill_reaches_containerd_as_a_task_oom_event() {
-    if !e2e_enabled("an_oom_kill_reaches_containerd_as_a_task_oom_event") {
+    let Some(c) = containerd_for("an_oom_kill_reaches_containerd_as_a_task_oom_event", &[]) else {
         return;
-    }
-    if !have("containerd") || !have("ctr") {
-        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
-        return;
-    }
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let c = start_containerd(&inputs);
+    };
     let events_log = c.dir.path().join("events.log");
     let mut events = Command::new("ctr")
         .arg("-a")
@@ -300,21 +315,11 @@ fn an_oom_kill_reaches_containerd_as_a_task_oom_event() {
         .stderr(Stdio::null())
         .spawn()
         .expect("ctr events");
-    let o = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        "--runtime",
-        RUNTIME,
-        "--memory-limit",
-        "16777216",
-        IMAGE,
+    let o = c.run_rm(
+        &["--memory-limit", "16777216"],
         "e2e-oom",
-        "sh",
-        "-c",
-        "tail /dev/zero",
-    ]);
+        &["sh", "-c", "tail /dev/zero"],
+    );
     assert_eq!(o.status.code(), Some(137), "{}", text(&o));
     // Events are published asynchronously; the OOM one may trail the exit.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -352,20 +357,13 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 /// delete no VMM, sandbox directory or mount is left.
 #[test]
 fn two_containers_of_a_pod_each_see_their_own_rootfs() {
-    if !e2e_enabled("two_containers_of_a_pod_each_see_their_own_rootfs") {
+    let Some(c) = containerd_for("two_containers_of_a_pod_each_see_their_own_rootfs", &[]) else {
         return;
-    }
-    if !have("containerd") || !have("ctr") {
-        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
-        return;
-    }
+    };
     assert!(
         workspace_root().join("build/virtiofsd").exists(),
         "build/virtiofsd missing (make virtiofsd)"
     );
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let c = start_containerd(&inputs);
     let root = c.dir.path().to_path_buf();
     let before = mounts_under(&root);
     let hosts = root.join("hosts-src");
@@ -407,25 +405,22 @@ fn two_containers_of_a_pod_each_see_their_own_rootfs() {
         "type=bind,src={},dst=/etc/hosts,options=rbind:ro",
         hosts.display()
     );
-    let o = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        &sandbox_id,
-        "--annotation",
-        "io.kubernetes.cri.container-type=container",
-        "--mount",
-        &mount,
-        IMAGE,
+    let o = c.run_rm(
+        &[
+            "--annotation",
+            &sandbox_id,
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--mount",
+            &mount,
+        ],
         "e2e-c2",
-        "sh",
-        "-c",
-        "test ! -e /whoami && echo two > /whoami && cat /whoami /etc/hosts",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "test ! -e /whoami && echo two > /whoami && cat /whoami /etc/hosts",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
@@ -530,20 +525,12 @@ fn start_registry() -> Registry {
 /// namespace of its own, runs in a capsa VM; no VMM is left afterwards.
 #[test]
 fn busybox_pulled_from_a_local_registry_runs_in_a_vm() {
-    if !e2e_enabled("busybox_pulled_from_a_local_registry_runs_in_a_vm") {
+    let Some(c) = containerd_for(
+        "busybox_pulled_from_a_local_registry_runs_in_a_vm",
+        &["docker-registry", "skopeo"],
+    ) else {
         return;
-    }
-    if !have("containerd") || !have("ctr") {
-        eprintln!("skipping: containerd/ctr not installed (apt-get install containerd)");
-        return;
-    }
-    if !have("docker-registry") || !have("skopeo") {
-        eprintln!("skipping: docker-registry/skopeo not installed (apt-get install docker-registry skopeo)");
-        return;
-    }
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let c = start_containerd(&inputs);
+    };
     let reg = start_registry();
     let image = format!("{}/busybox:capsa", reg.addr);
 
@@ -573,18 +560,8 @@ fn busybox_pulled_from_a_local_registry_runs_in_a_vm() {
     assert!(o.status.success(), "pull: {}", text(&o));
 
     let mut args = ns.to_vec();
-    args.extend([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "native",
-        "--runtime",
-        RUNTIME,
-        &image,
-        "e2e-pulled",
-        "echo",
-        "pulled",
-    ]);
+    args.extend(RUN_RM);
+    args.extend([image.as_str(), "e2e-pulled", "echo", "pulled"]);
     let o = c.ctr(&args);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
