@@ -96,6 +96,24 @@ impl From<stdio::StdioError> for ContainerError {
 
 type Result<T> = std::result::Result<T, ContainerError>;
 
+/// Writes the pod's `net.*` sysctls (see [`spec::take_net_sysctls`]) in the guest's network namespace, which
+/// is the pod's.
+fn set_pod_sysctls(sysctls: &[(PathBuf, String)]) -> Result<()> {
+    for (rel, value) in sysctls {
+        let path = Path::new("/proc/sys").join(rel);
+        let key = rel.display().to_string().replace('/', ".");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()))
+            .map_err(|e| {
+                ContainerError::InvalidArgument(format!("sysctl {key} = {value:?}: {e}"))
+            })?;
+        tracing::info!(key, value, "pod sysctl set");
+    }
+    Ok(())
+}
+
 fn internal(what: &str) -> impl Fn(std::io::Error) -> ContainerError + '_ {
     move |e| ContainerError::Internal(format!("{what}: {e}"))
 }
@@ -455,7 +473,10 @@ impl Containers {
             online_cpus: spec::count_online(Path::new("/sys/devices/system/cpu/online")),
             online_mems: spec::count_online(Path::new("/sys/devices/system/node/online")),
         };
+        let mut spec = spec;
+        let net_sysctls = spec::take_net_sysctls(&mut spec)?;
         let spec = spec::prepare_spec(spec, &ctx)?;
+        set_pod_sysctls(&net_sysctls)?;
         let terminal = spec
             .process()
             .as_ref()

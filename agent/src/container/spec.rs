@@ -52,6 +52,8 @@ pub enum SpecError {
     },
     #[error("rlimit {name}: soft limit {soft} is above hard limit {hard}")]
     Rlimit { name: String, soft: u64, hard: u64 },
+    #[error("sysctl {key:?}: {why}")]
+    Sysctl { key: String, why: &'static str },
 }
 
 const KNOWN_NAMESPACES: &[&str] = &[
@@ -131,6 +133,53 @@ pub fn check_process(p: &Process) -> Result<(), SpecError> {
 }
 
 /// Checks `spec` and rewrites it for the guest; returns the adapted spec with an absolute rootfs.
+/// Takes the spec's `net.*` sysctls out and returns them as `/proc/sys` paths relative to it, with their values.
+/// They belong to the pod's network namespace, which is the guest's own (the VM is the pod), where libcontainer
+/// refuses them; the agent writes them itself, as Kubernetes sets them for the whole pod. Keys are checked:
+/// `net.` first, `.` or `/` between non-empty parts, no `..`, values on one line.
+pub fn take_net_sysctls(spec: &mut Spec) -> Result<Vec<(PathBuf, String)>, SpecError> {
+    let Some(mut linux) = spec.linux().clone() else {
+        return Ok(Vec::new());
+    };
+    let Some(mut sysctls) = linux.sysctl().clone() else {
+        return Ok(Vec::new());
+    };
+    let net: Vec<String> = sysctls
+        .keys()
+        .filter(|k| k.starts_with("net.") || k.starts_with("net/"))
+        .cloned()
+        .collect();
+    let mut out = Vec::with_capacity(net.len());
+    for key in net {
+        let value = sysctls.remove(&key).unwrap_or_default();
+        let bad = |why| SpecError::Sysctl {
+            key: key.clone(),
+            why,
+        };
+        // runc's rule: every '.' separates path parts ('/' may too, for names that contain dots).
+        let rel = key.replace('.', "/");
+        let parts: Vec<&str> = rel.split('/').collect();
+        if parts.iter().any(|p| {
+            p.is_empty()
+                || *p == ".."
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        }) {
+            return Err(bad(
+                "not a sysctl name (letters, digits, '_' and '-' between dots)",
+            ));
+        }
+        if value.contains(['\n', '\0']) {
+            return Err(bad("the value must be one line"));
+        }
+        out.push((PathBuf::from(rel), value));
+    }
+    linux.set_sysctl(Some(sysctls));
+    spec.set_linux(Some(linux));
+    Ok(out)
+}
+
 pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, SpecError> {
     // Rootfs: the named storage's mount point, plus the spec's root.path when that is absolute
     // inside it... keep it simple: a storage replaces root.path; without one root.path must be an
@@ -482,6 +531,46 @@ mod tests {
         // Joining the pod's UTS namespace drops the per-container hostname; hooks are dropped.
         assert_eq!(spec.hostname(), &None);
         assert!(spec.hooks().is_none());
+    }
+
+    #[test]
+    fn net_sysctls_are_taken_out_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = base_json(d.path());
+        v["linux"]["sysctl"] = json!({
+            "net.ipv4.ip_local_port_range": "1024 65000",
+            "net.ipv4.conf.eth0/100.forwarding": "1",
+            "kernel.shm_rmid_forced": "1"
+        });
+        let mut spec = parse_spec(v.to_string().as_bytes()).unwrap();
+        let mut net = take_net_sysctls(&mut spec).unwrap();
+        net.sort();
+        assert_eq!(
+            net,
+            [
+                (
+                    PathBuf::from("net/ipv4/conf/eth0/100/forwarding"),
+                    "1".to_string()
+                ),
+                (
+                    PathBuf::from("net/ipv4/ip_local_port_range"),
+                    "1024 65000".to_string()
+                )
+            ]
+        );
+        let left = spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(left.keys().collect::<Vec<_>>(), ["kernel.shm_rmid_forced"]);
+        for bad in ["net.ipv4..x", "net.ipv4/../../kernel/x", "net.a b", "net."] {
+            let mut v = base_json(d.path());
+            v["linux"]["sysctl"] = json!({ bad: "1" });
+            let mut spec = parse_spec(v.to_string().as_bytes()).unwrap();
+            let e = take_net_sysctls(&mut spec).unwrap_err();
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+        let mut v = base_json(d.path());
+        v["linux"]["sysctl"] = json!({ "net.core.somaxconn": "1\n2" });
+        let mut spec = parse_spec(v.to_string().as_bytes()).unwrap();
+        assert!(take_net_sysctls(&mut spec).is_err());
     }
 
     #[test]

@@ -406,6 +406,12 @@ async fn isolation_and_limits(a: &Agent) {
     assert_eq!(a.wait("pidshare1", "").await, 137);
     a.remove("pidshare1").await;
 
+    // net.* sysctls are the pod's (the guest's network namespace): the agent sets them.
+    let mut s = spec(&["/bin/cat", "/proc/sys/net/core/somaxconn"], rootfs);
+    s["linux"]["sysctl"] = json!({"net.core.somaxconn": "1234"});
+    let (o, e, st) = a.run_to_end("sysctl", &s).await;
+    assert_eq!((o.as_str(), st), ("1234\n", 0), "{e:?}");
+
     if a.cgroups {
         // memory limit → OOM kill → GetOOMEvent
         let mut s = spec(&["/bin/sh", "-c", "tail /dev/zero"], rootfs);
@@ -488,6 +494,10 @@ async fn bad_input(a: &Agent) {
     s["linux"]["resources"] = json!({"memory": {"limit": 12}});
     let e = a.create("bad4", &s).await.expect_err("absurd limit");
     assert!(rpc_code(&e).1.contains("memory.limit"), "{e:?}");
+    let mut s = spec(&["/bin/true"], rootfs);
+    s["linux"]["sysctl"] = json!({"net.no.such.key": "1"});
+    let e = a.create("bad5", &s).await.expect_err("unknown sysctl");
+    assert!(rpc_code(&e).1.contains("net.no.such.key"), "{e:?}");
     let mut r = agent::StartContainerRequest::new();
     r.container_id = "ghost".into();
     let e =
