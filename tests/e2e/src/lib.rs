@@ -199,6 +199,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn thread_report_lists_every_thread_with_its_state() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let waiter = std::thread::Builder::new()
+            .name("report-probe".into())
+            .spawn(move || rx.recv())
+            .unwrap();
+        let me = std::process::id();
+        // The probe thread soon blocks in a futex wait: sleeping, under its name.
+        let probe_sleeps = |r: &str| r.lines().any(|l| l.contains(" report-probe state S "));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut r = thread_report(me);
+        while !probe_sleeps(&r) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            r = thread_report(me);
+        }
+        assert!(r.contains(&format!("thread {me} ")), "{r}");
+        assert!(probe_sleeps(&r), "{r}");
+        drop(tx);
+        waiter.join().unwrap().unwrap_err();
+        assert!(thread_report(u32::MAX).starts_with(&format!("process {}", u32::MAX)));
+    }
+
+    #[test]
     fn median_of_odd_and_even() {
         let ms = Duration::from_millis;
         assert_eq!(median(&mut [ms(3), ms(1), ms(2)]), ms(2));
