@@ -52,7 +52,7 @@ demo: binaries guest-image testhost-image
 
 bench: all testhost-image $(E2E_LIST)
 	bash tests/run-e2e.sh target/release/capsa-bench
-	bash tests/run-e2e.sh bash -c 'CAPSA_E2E=1 "$$(grep /containers- $(E2E_LIST))" --nocapture --test-threads=1 containers_in_a_guest 2>&1 | grep -E "^BENCH|test result"'
+	bash tests/run-e2e.sh bash -c 'CAPSA_E2E=1 "$$(grep /containers- $(E2E_LIST))" --nocapture --test-threads=1 containers_processes containers_stdout_100mib 2>&1 | grep -E "^BENCH|test result"'
 	bash tests/run-e2e.sh target/release/capsa-cri-bench
 
 lint:
