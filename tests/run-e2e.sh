@@ -3,7 +3,9 @@
 # - directly on this machine when it has hardware virtualisation (a vmx/svm flag in /proc/cpuinfo and /dev/kvm);
 # - otherwise inside the nested test host (tests/testhost/README.md), with the workspace at the same path.
 # CAPSA_E2E_MODE=nested|direct forces either. CAPSA_E2E_TIMEOUT (seconds, default 3600) bounds a nested run;
-# CAPSA_TESTHOST_ARGS adds runner options (e.g. "--memory 6144 --share /data").
+# CAPSA_TESTHOST_ARGS adds runner options (e.g. "--memory 6144 --share /data"). CAPSA_E2E_HOST_RETRIES (default
+# 0) reruns the whole command that many times when the test host died or hung (status 125; see
+# tests/testhost/README.md, "Known instability"): for commands that can simply start over, like benchmarks.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ $# -eq 0 ]; then
@@ -28,8 +30,19 @@ case $mode in
       (cd "$root" && cargo build --release -q -p capsa-testhost)
     fi
     echo "run-e2e: no hardware virtualisation here: running inside the nested test host: $*" >&2
-    # shellcheck disable=SC2086 # CAPSA_TESTHOST_ARGS is a list of options
-    exec "$testhost" run --timeout "${CAPSA_E2E_TIMEOUT:-3600}" ${CAPSA_TESTHOST_ARGS:-} -- "$@"
+    retries=${CAPSA_E2E_HOST_RETRIES:-0}
+    tries=0
+    while :; do
+      rc=0
+      # shellcheck disable=SC2086 # CAPSA_TESTHOST_ARGS is a list of options
+      "$testhost" run --timeout "${CAPSA_E2E_TIMEOUT:-3600}" ${CAPSA_TESTHOST_ARGS:-} -- "$@" || rc=$?
+      if [ "$rc" -eq 125 ] && [ "$tries" -lt "$retries" ]; then
+        tries=$((tries + 1))
+        echo "run-e2e: the test host died or hung (status 125); running the command again in a fresh one ($tries of $retries)" >&2
+        continue
+      fi
+      exit "$rc"
+    done
     ;;
   *)
     echo "run-e2e: CAPSA_E2E_MODE must be nested or direct (got '$mode')" >&2

@@ -318,7 +318,19 @@ async fn main() -> anyhow::Result<()> {
         inputs.initrd.display()
     );
 
+    // capsa and QEMU runs alternate, so that a change in the machine's speed during the benchmark (the nested
+    // test host shares its CPUs with whatever else runs) weighs on both alike.
+    let qemu_kernel = o
+        .qemu_kernel
+        .clone()
+        .unwrap_or_else(|| inputs.kernel.clone());
+    let mut qemu_enabled = o.qemu.is_some();
+    if qemu_enabled && !Path::new("/dev/vhost-vsock").exists() {
+        println!("  QEMU: skipped: /dev/vhost-vsock missing (modprobe vhost_vsock)");
+        qemu_enabled = false;
+    }
     let mut capsa = Summary::default();
+    let mut qemu = Summary::default();
     for i in 0..o.runs {
         match capsa_once(&inputs, &o, root.path(), i).await {
             Ok(s) => {
@@ -347,43 +359,32 @@ async fn main() -> anyhow::Result<()> {
                 capsa.errors.push(format!("{e:#}"));
             }
         }
-    }
-
-    let mut qemu = Summary::default();
-    if let Some(q) = &o.qemu {
-        let kernel = o
-            .qemu_kernel
-            .clone()
-            .unwrap_or_else(|| inputs.kernel.clone());
-        if !Path::new("/dev/vhost-vsock").exists() {
-            println!("  QEMU: skipped: /dev/vhost-vsock missing (modprobe vhost_vsock)");
-        } else {
-            for i in 0..o.runs {
-                match qemu_once(q, &kernel, &inputs, &o, root.path(), i).await {
-                    Ok(s) => {
-                        println!(
-                            "  QEMU microvm run {i}: ready {}, VMM own {}, guest RAM touched {}",
-                            ms(s.ready),
-                            s.mem
-                                .as_ref()
-                                .map(|m| mib(m.vmm_rss_kib))
-                                .unwrap_or("-".into()),
-                            s.mem
-                                .as_ref()
-                                .map(|m| mib(m.guest_rss_kib))
-                                .unwrap_or("-".into()),
-                        );
-                        qemu.samples.push(s);
-                    }
-                    Err(e) => {
-                        println!("  QEMU microvm run {i}: FAILED: {e:#}");
-                        qemu.errors.push(format!("{e:#}"));
-                        // A broken setup fails the same way every time.
-                        if qemu.samples.is_empty() && i >= 1 {
-                            println!("  QEMU: giving up after {} failures", i + 1);
-                            break;
-                        }
-                    }
+        let Some(q) = o.qemu.as_ref().filter(|_| qemu_enabled) else {
+            continue;
+        };
+        match qemu_once(q, &qemu_kernel, &inputs, &o, root.path(), i).await {
+            Ok(s) => {
+                println!(
+                    "  QEMU microvm run {i}: ready {}, VMM own {}, guest RAM touched {}",
+                    ms(s.ready),
+                    s.mem
+                        .as_ref()
+                        .map(|m| mib(m.vmm_rss_kib))
+                        .unwrap_or("-".into()),
+                    s.mem
+                        .as_ref()
+                        .map(|m| mib(m.guest_rss_kib))
+                        .unwrap_or("-".into()),
+                );
+                qemu.samples.push(s);
+            }
+            Err(e) => {
+                println!("  QEMU microvm run {i}: FAILED: {e:#}");
+                qemu.errors.push(format!("{e:#}"));
+                // A broken setup fails the same way every time.
+                if qemu.samples.is_empty() && i >= 1 {
+                    println!("  QEMU: giving up after {} failures", i + 1);
+                    qemu_enabled = false;
                 }
             }
         }
