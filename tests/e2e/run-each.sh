@@ -9,7 +9,7 @@
 # - a guest sometimes triple-faults (the VMM logs "guest shutdown (triple fault?)" and exits) or stalls (RCU
 #   stall messages on its console), during boot as well as under load, with QEMU 7.2 and 10.0 alike, with and
 #   without huge pages, with 1 or 2 vCPUs.
-# So every test runs on its own and a failing test runs again, up to CAPSA_E2E_ATTEMPTS (default 4) times in
+# So every test runs on its own and a failing test runs again, up to CAPSA_E2E_ATTEMPTS (default 6) times in
 # all (tests/e2e/run-suites.sh); a pass after a failure is reported as FLAKY in the summary, never silently.
 # When the test host dies, a fresh one carries on with the tests not passed yet, up to five times per binary.
 #
@@ -19,7 +19,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 list=${1:?usage: run-each.sh LIST}
 [ -r "$list" ] || { echo "run-each: cannot read $list" >&2; exit 2; }
 mkdir -p "$root/build"
-export CAPSA_E2E_ATTEMPTS=${CAPSA_E2E_ATTEMPTS:-4}
+export CAPSA_E2E_ATTEMPTS=${CAPSA_E2E_ATTEMPTS:-6}
 export CAPSA_E2E_FLAKY="$root/build/e2e-flaky.txt"
 : >"$CAPSA_E2E_FLAKY"
 

@@ -537,7 +537,10 @@ async fn in_a_guest(name: &str, scenario: Scenario) {
     let rootfs = busybox_rootfs(work.path());
     let img = work.path().join("busybox.ext4");
     ext4_image(&rootfs, &img);
-    let mut c = vm_config(&inputs, root.path(), 2, 512);
+    // One vCPU: in the nested test host, two-vCPU guests under load are the ones that most often stall with
+    // one vCPU spinning and the other halted (a lost wake-up in the emulated stack; tests/testhost/README.md).
+    // Two-vCPU guests are covered by the boot suite.
+    let mut c = vm_config(&inputs, root.path(), 1, 512);
     c.disks = vec![Disk {
         path: img.clone(),
         readonly: false,
