@@ -79,6 +79,35 @@ struct Summary {
 }
 
 impl Summary {
+    /// Prints run `i` of `who` and keeps its sample or error; returns whether it succeeded.
+    fn record(&mut self, who: &str, i: usize, run: anyhow::Result<Sample>) -> bool {
+        match run {
+            Ok(s) => {
+                let mem =
+                    |f: fn(&Split) -> u64| s.mem.as_ref().map(|m| mib(f(m))).unwrap_or("-".into());
+                println!(
+                    "  {who} run {i}: ready {}, VMM own {}, guest RAM touched {}{}",
+                    ms(s.ready),
+                    mem(|m| m.vmm_rss_kib),
+                    mem(|m| m.guest_rss_kib),
+                    s.timer
+                        .map(|t| format!(
+                            ", BOOT_TIMER {} us + {} us",
+                            t.start_to_kernel_entry_us, t.kernel_entry_to_agent_us
+                        ))
+                        .unwrap_or_default()
+                );
+                self.samples.push(s);
+                true
+            }
+            Err(e) => {
+                println!("  {who} run {i}: FAILED: {e:#}");
+                self.errors.push(format!("{e:#}"));
+                false
+            }
+        }
+    }
+
     fn ready_median(&self) -> Option<Duration> {
         let mut v: Vec<Duration> = self.samples.iter().map(|s| s.ready).collect();
         (!v.is_empty()).then(|| median(&mut v))
@@ -332,61 +361,19 @@ async fn main() -> anyhow::Result<()> {
     let mut capsa = Summary::default();
     let mut qemu = Summary::default();
     for i in 0..o.runs {
-        match capsa_once(&inputs, &o, root.path(), i).await {
-            Ok(s) => {
-                println!(
-                    "  capsa-vmm run {i}: ready {}, VMM own {}, guest RAM touched {}{}",
-                    ms(s.ready),
-                    s.mem
-                        .as_ref()
-                        .map(|m| mib(m.vmm_rss_kib))
-                        .unwrap_or("-".into()),
-                    s.mem
-                        .as_ref()
-                        .map(|m| mib(m.guest_rss_kib))
-                        .unwrap_or("-".into()),
-                    s.timer
-                        .map(|t| format!(
-                            ", BOOT_TIMER {} us + {} us",
-                            t.start_to_kernel_entry_us, t.kernel_entry_to_agent_us
-                        ))
-                        .unwrap_or_default()
-                );
-                capsa.samples.push(s);
-            }
-            Err(e) => {
-                println!("  capsa-vmm run {i}: FAILED: {e:#}");
-                capsa.errors.push(format!("{e:#}"));
-            }
-        }
+        capsa.record(
+            "capsa-vmm",
+            i,
+            capsa_once(&inputs, &o, root.path(), i).await,
+        );
         let Some(q) = o.qemu.as_ref().filter(|_| qemu_enabled) else {
             continue;
         };
-        match qemu_once(q, &qemu_kernel, &inputs, &o, root.path(), i).await {
-            Ok(s) => {
-                println!(
-                    "  QEMU microvm run {i}: ready {}, VMM own {}, guest RAM touched {}",
-                    ms(s.ready),
-                    s.mem
-                        .as_ref()
-                        .map(|m| mib(m.vmm_rss_kib))
-                        .unwrap_or("-".into()),
-                    s.mem
-                        .as_ref()
-                        .map(|m| mib(m.guest_rss_kib))
-                        .unwrap_or("-".into()),
-                );
-                qemu.samples.push(s);
-            }
-            Err(e) => {
-                println!("  QEMU microvm run {i}: FAILED: {e:#}");
-                qemu.errors.push(format!("{e:#}"));
-                // A broken setup fails the same way every time.
-                if qemu.samples.is_empty() && i >= 1 {
-                    println!("  QEMU: giving up after {} failures", i + 1);
-                    qemu_enabled = false;
-                }
-            }
+        let r = qemu_once(q, &qemu_kernel, &inputs, &o, root.path(), i).await;
+        // A broken setup fails the same way every time.
+        if !qemu.record("QEMU microvm", i, r) && qemu.samples.is_empty() && i >= 1 {
+            println!("  QEMU: giving up after {} failures", i + 1);
+            qemu_enabled = false;
         }
     }
 
