@@ -33,7 +33,7 @@ pub enum StdioError {
     BadUri(String),
     #[error("stdin cannot be a logging binary ({0:?})")]
     BinaryStdin(String),
-    #[error("stdout is the logging binary {stdout:?}, so stderr must be the same URI or empty, not {stderr:?}")]
+    #[error("a logging binary takes both output streams: stdout {stdout:?} and stderr {stderr:?} must name the same one (or stderr nothing)")]
     BinaryMismatch { stdout: String, stderr: String },
 }
 
@@ -98,22 +98,18 @@ impl StdioConfig {
             return Err(StdioError::BinaryStdin(stdin.to_owned()));
         }
         // One logging binary takes both streams, as containerd sends the same URI for both.
-        let stderr_ok = matches!(cfg.stderr, Target::None) || cfg.stderr == cfg.stdout;
-        match &cfg.stdout {
-            Target::Binary(b) if stderr_ok => b.check().map_err(StdioError::BinaryUri)?,
-            Target::Binary(_) => {
-                return Err(StdioError::BinaryMismatch {
-                    stdout: stdout.to_owned(),
-                    stderr: stderr.to_owned(),
-                })
-            }
-            _ if matches!(cfg.stderr, Target::Binary(_)) => {
-                return Err(StdioError::BinaryMismatch {
-                    stdout: stdout.to_owned(),
-                    stderr: stderr.to_owned(),
-                })
-            }
-            _ => {}
+        let paired = match (&cfg.stdout, &cfg.stderr) {
+            (Target::Binary(_), err) => *err == Target::None || *err == cfg.stdout,
+            (_, err) => !matches!(err, Target::Binary(_)),
+        };
+        if !paired {
+            return Err(StdioError::BinaryMismatch {
+                stdout: stdout.to_owned(),
+                stderr: stderr.to_owned(),
+            });
+        }
+        if let Target::Binary(b) = &cfg.stdout {
+            b.check().map_err(StdioError::BinaryUri)?;
         }
         Ok(cfg)
     }
