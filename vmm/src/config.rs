@@ -177,6 +177,161 @@ impl FsConfig {
     }
 }
 
+/// A unicast Ethernet address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("net mac {s:?} is not a MAC address like 52:54:00:12:34:56");
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut mac {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!("net mac {s:?} is a multicast address"));
+        }
+        if mac == [0; 6] {
+            return Err(format!("net mac {s:?} is all zeros"));
+        }
+        Ok(Self(mac))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+/// Smallest and largest MTU the guest can be given (IPv4's minimum, the field's maximum).
+pub const MIN_NET_MTU: u32 = 68;
+pub const MAX_NET_MTU: u32 = 65535;
+
+/// One virtio-net device on a TAP interface: opened by name, or an inherited tap file descriptor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP interface to create or attach to (needs CAP_NET_ADMIN unless it exists and is the caller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Inherited descriptor already attached to a tap opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// Guest MAC; a random locally administered one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// MTU offered to the guest (VIRTIO_NET_F_MTU), 68..=65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME[,mac=MAC][,mtu=N]` or `fd=N[,mac=MAC][,mtu=N]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut c = NetConfig {
+            tap: None,
+            fd: None,
+            mac: None,
+            mtu: None,
+        };
+        let mut seen = Vec::new();
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("net option {part:?} is not key=value"))?;
+            if seen.contains(&key) {
+                return Err(format!("net option {key:?} given twice"));
+            }
+            seen.push(key);
+            match key {
+                "tap" => c.tap = Some(value.to_string()),
+                "fd" => {
+                    c.fd = Some(
+                        value
+                            .parse()
+                            .map_err(|e| format!("net fd {value:?}: {e}"))?,
+                    )
+                }
+                "mac" => c.mac = Some(value.parse()?),
+                "mtu" => {
+                    c.mtu = Some(
+                        value
+                            .parse()
+                            .map_err(|e| format!("net mtu {value:?}: {e}"))?,
+                    )
+                }
+                _ => return Err(format!("unknown net option {key:?} (tap, fd, mac, mtu)")),
+            }
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
+impl NetConfig {
+    /// Checks the values (not whether the tap or fd works: the device reports that when it opens it).
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.tap, self.fd) {
+            (Some(_), Some(_)) => return Err("net takes either tap=NAME or fd=N, not both".into()),
+            (None, None) => return Err("net needs tap=NAME or fd=N".into()),
+            (Some(name), None) => {
+                if !crate::devices::virtio::net::tap::valid_name(name) {
+                    return Err(format!(
+                        "net tap name {name:?} must be 1..=15 bytes without '/', ':', whitespace"
+                    ));
+                }
+            }
+            (None, Some(fd)) => {
+                if fd < 3 {
+                    return Err(format!(
+                        "net fd must be an inherited descriptor >= 3, not {fd}"
+                    ));
+                }
+            }
+        }
+        if let Some(mtu) = self.mtu {
+            if !(MIN_NET_MTU..=MAX_NET_MTU).contains(&mtu) {
+                return Err(format!(
+                    "net mtu must be {MIN_NET_MTU}..={MAX_NET_MTU}, not {mtu}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Hybrid vsock: the guest's CID and the host Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
@@ -200,6 +355,9 @@ pub struct VmConfig {
     /// virtio-fs devices (vhost-user); any of them makes guest memory a shared memfd.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// virtio-net devices on TAP interfaces, after every other device.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -216,6 +374,7 @@ impl VmConfig {
             rng: false,
             console_log: None,
             fs: vec![],
+            net: vec![],
         }
     }
 
@@ -225,7 +384,11 @@ impl VmConfig {
 
     /// Number of virtio devices this configuration asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng) + self.fs.len()
+        self.disks.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + self.fs.len()
+            + self.net.len()
     }
 
     /// Whether guest memory must be shareable with another process (a vhost-user backend).
@@ -275,6 +438,28 @@ impl VmConfig {
                 )));
             }
         }
+        for (i, net) in self.net.iter().enumerate() {
+            net.check().map_err(ConfigError::Invalid)?;
+            let earlier = &self.net[..i];
+            if net.tap.is_some() && earlier.iter().any(|o| o.tap == net.tap) {
+                return Err(ConfigError::Invalid(format!(
+                    "net tap {:?} used twice",
+                    net.tap.as_deref().unwrap_or_default()
+                )));
+            }
+            if net.fd.is_some() && earlier.iter().any(|o| o.fd == net.fd) {
+                return Err(ConfigError::Invalid(format!(
+                    "net fd {} used twice",
+                    net.fd.unwrap_or_default()
+                )));
+            }
+            if let Some(mac) = net
+                .mac
+                .filter(|m| earlier.iter().any(|o| o.mac == Some(*m)))
+            {
+                return Err(ConfigError::Invalid(format!("net mac {mac} used twice")));
+            }
+        }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::Invalid(format!(
                 "at most {MAX_VIRTIO_DEVICES} virtio devices"
@@ -317,11 +502,12 @@ pub struct ConfigFile {
     pub rng: Option<bool>,
     pub console_log: Option<PathBuf>,
     pub fs: Option<Vec<FsConfig>>,
+    pub net: Option<Vec<NetConfig>>,
 }
 
 pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
   A JSON object with any of these keys (unknown keys are an error); a flag given on the command line
-  overrides the key, and any --disk (--fs) flag replaces the whole "disks" ("fs") list:
+  overrides the key, and any --disk (--fs, --net) flag replaces the whole "disks" ("fs", "net") list:
     kernel       string   path of an uncompressed vmlinux (PVH entry used when present) or a bzImage
     initrd       string   initrd/initramfs image
     cmdline      string   kernel command line (the VMM appends virtio_mmio.device=4K@<addr>:<irq> per device)
@@ -334,6 +520,7 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     console_log  string   file for the guest's serial output (default: stdout)
     fs           array    [{"tag": string, "socket": string, "queues": int (default 1),
                            "queue_size": int (default 1024)}], virtio-fs through a vhost-user backend
+    net          array    [{"tap": string | "fd": int, "mac": string, "mtu": int}], virtio-net (see --net)
   Example:
     {"kernel": "/var/cache/capsa/vmlinux", "initrd": "/var/cache/capsa/initrd.img",
      "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "memory_mib": 256,
@@ -345,6 +532,15 @@ VIRTIO-FS (--fs tag=<tag>,socket=<path>[,queues=N][,queue-size=N])
   (e.g. `virtiofsd --socket-path <path> --shared-dir <dir>`). Guest memory then lives in a shared memfd that
   the backend maps. The guest mounts it with `mount -t virtiofs <tag> <dir>`. If the backend goes away
   while the VM runs, the device stops (logged) and the VM keeps running.
+
+VIRTIO-NET (--net tap=NAME[,mac=MAC][,mtu=N] or --net fd=N[,mac=MAC][,mtu=N])
+  A virtio-net device on a TAP interface; repeatable, one device each (eth0, eth1, ... in the guest).
+  tap=NAME creates the tap, or attaches to an existing one (needs CAP_NET_ADMIN unless the tap is persistent
+  and owned by the caller); a tap the VMM creates disappears when it exits. fd=N adopts an inherited
+  descriptor already attached to a tap opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (no privilege needed).
+  mac=aa:bb:cc:dd:ee:ff is the guest's address (unicast; default: random, locally administered); mtu=N
+  (68..=65535) is offered to the guest, whose stack then uses it. The host side (addresses, bridge, MTU of
+  the tap) is the caller's job. Emulated in user space, one queue pair.
 
 EXIT STATUS
   0  the guest stopped itself (i8042 reset, e.g. `reboot=k` reboot/poweroff; triple fault) or SIGTERM/SIGINT
@@ -393,6 +589,9 @@ pub struct Cli {
         value_name = "tag=TAG,socket=PATH[,queues=N][,queue-size=N]"
     )]
     pub fs: Vec<FsConfig>,
+    /// virtio-net device on a TAP interface (by name or inherited fd), repeatable
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC][,mtu=N]")]
+    pub net: Vec<NetConfig>,
     /// File for the guest's serial output [default: stdout]
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
@@ -465,6 +664,11 @@ pub fn merge(file: ConfigFile, cli: Cli) -> Result<VmConfig, ConfigError> {
             file.fs.unwrap_or_default()
         } else {
             cli.fs
+        },
+        net: if cli.net.is_empty() {
+            file.net.unwrap_or_default()
+        } else {
+            cli.net
         },
     })
 }
@@ -579,5 +783,140 @@ mod tests {
             ..fs("a")
         }];
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn net_flag_syntax() {
+        assert_eq!(
+            "tap=tap0".parse::<NetConfig>().unwrap(),
+            NetConfig {
+                tap: Some("tap0".into()),
+                fd: None,
+                mac: None,
+                mtu: None
+            }
+        );
+        let c: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:0e,mtu=1500".parse().unwrap();
+        assert_eq!(c.mac, Some(MacAddr([0x52, 0x54, 0, 0xab, 0xcd, 0x0e])));
+        assert_eq!(c.mac.unwrap().to_string(), "52:54:00:ab:cd:0e");
+        assert_eq!(c.mtu, Some(1500));
+        let c: NetConfig = "fd=7,mtu=65535".parse().unwrap();
+        assert_eq!((c.tap, c.fd, c.mtu), (None, Some(7), Some(65535)));
+        assert_eq!("fd=3,mtu=68".parse::<NetConfig>().unwrap().mtu, Some(68));
+        for (bad, names) in [
+            ("tap=a,fd=3", "not both"),
+            ("mac=52:54:00:12:34:56", "needs tap=NAME or fd=N"),
+            ("tap=t,mac=zz:54:00:12:34:56", "mac"),
+            ("tap=t,mac=52:54:00:12:34", "mac"),
+            ("tap=t,mac=52:54:00:12:34:56:78", "mac"),
+            ("tap=t,mac=5254.0012.3456", "mac"),
+            ("tap=t,mac=052:54:00:12:34:5", "mac"),
+            ("tap=t,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=t,mac=ff:ff:ff:ff:ff:ff", "multicast"),
+            ("tap=t,mac=00:00:00:00:00:00", "all zeros"),
+            ("tap=t,mtu=67", "mtu"),
+            ("tap=t,mtu=0", "mtu"),
+            ("tap=t,mtu=65536", "mtu"),
+            ("tap=t,mtu=x", "mtu"),
+            ("fd=x", "fd"),
+            ("fd=2", "fd"),
+            ("fd=-1", "fd"),
+            ("tap=", "tap name"),
+            ("tap=0123456789abcdef", "tap name"),
+            ("tap=a/b", "tap name"),
+            ("tap=a b", "tap name"),
+            ("tap=t,queues=2", "unknown net option"),
+            ("tap=t,tap=u", "twice"),
+            ("tap", "key=value"),
+            ("", "key=value"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err();
+            assert!(e.contains(names), "{bad:?}: {e}");
+        }
+        // clap rejects a bad --net as a usage error (exit status 2).
+        let e = Cli::try_parse_from(["capsa-vmm", "--net", "tap=a,fd=3"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn net_from_json_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"x").unwrap();
+        let json = format!(
+            r#"{{"kernel": {:?}, "rng": true, "net": [{{"tap": "tap0", "mac": "52:54:00:12:34:56", "mtu": 9000}},
+                {{"fd": 5}}]}}"#,
+            kernel.display().to_string()
+        );
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, &json).unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = cli.into_config().unwrap();
+        assert_eq!(c.net.len(), 2);
+        assert_eq!(c.net[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(
+            c.net[0].mac,
+            Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]))
+        );
+        assert_eq!(c.net[0].mtu, Some(9000));
+        assert_eq!((c.net[1].fd, c.net[1].mac), (Some(5), None));
+        assert_eq!(c.virtio_device_count(), 3);
+        // A flag replaces the file's list.
+        let cli = Cli::parse_from([
+            "capsa-vmm",
+            "--config",
+            path.to_str().unwrap(),
+            "--net",
+            "tap=x",
+        ]);
+        let c = cli.into_config().unwrap();
+        assert_eq!(c.net.len(), 1);
+        assert_eq!(c.net[0].tap.as_deref(), Some("x"));
+        // The config round-trips through JSON.
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+
+        // Errors name the field and are configuration errors (exit status 2).
+        let k = kernel.display().to_string();
+        for (net, names) in [
+            (r#"[{"tap": "a", "fd": 3}]"#, "not both"),
+            (r#"[{"mac": "52:54:00:12:34:56"}]"#, "needs tap"),
+            (r#"[{"tap": "a", "mtu": 70000}]"#, "mtu"),
+            (r#"[{"tap": "a", "mtu": 10}]"#, "mtu"),
+            (r#"[{"fd": 1}]"#, "fd"),
+            (r#"[{"tap": "a", "mac": "bogus"}]"#, "mac"),
+            (r#"[{"tap": "a", "mac": "33:33:00:00:00:01"}]"#, "multicast"),
+            (r#"[{"tap": "a", "queues": 2}]"#, "queues"),
+            (r#"[{"tap": "a"}, {"tap": "a"}]"#, "tap \"a\" used twice"),
+            (r#"[{"fd": 4}, {"fd": 4}]"#, "fd 4 used twice"),
+            (
+                r#"[{"tap": "a", "mac": "52:54:00:00:00:01"}, {"tap": "b", "mac": "52:54:00:00:00:01"}]"#,
+                "mac 52:54:00:00:00:01 used twice",
+            ),
+        ] {
+            std::fs::write(&path, format!(r#"{{"kernel": {k:?}, "net": {net}}}"#)).unwrap();
+            let cli = Cli {
+                config: Some(path.clone()),
+                ..Default::default()
+            };
+            let e = cli.into_config().unwrap_err();
+            assert!(e.to_string().contains(names), "{net}: {e}");
+            assert_eq!(crate::vmm::Error::from(e).exit_code(), 2, "{net}");
+        }
+        // Too many devices in all.
+        let mut c = VmConfig::new(&kernel);
+        c.net = (0..20)
+            .map(|i| NetConfig {
+                tap: Some(format!("t{i}")),
+                fd: None,
+                mac: None,
+                mtu: None,
+            })
+            .collect();
+        assert!(c.validate().unwrap_err().to_string().contains("at most"));
     }
 }

@@ -1,7 +1,9 @@
-//! The configured virtio devices (disks, vsock, rng), in the order they get their MMIO windows and GSIs.
+//! The configured virtio devices, in the order they get their MMIO windows and GSIs: disks, vsock, rng
+//! ([`create_devices`]), then the virtio-fs devices (`fs::create_devices`), then net ([`create_net_devices`]).
 
 use crate::config::VmConfig;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::{random_mac, Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -38,6 +40,48 @@ pub fn create_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         let name = "rng".to_string();
         let dev = Rng::new().map_err(|e| device_err(&name, e))?;
         devices.push((name, Box::new(dev)));
+    }
+    Ok(devices)
+}
+
+/// Creates the virtio-net devices, in `--net` order; they come after every other device so that adding a
+/// network card does not move the others' addresses and GSIs.
+pub fn create_net_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+    let mut devices: Vec<NamedDevice> = Vec::with_capacity(config.net.len());
+    for (i, net) in config.net.iter().enumerate() {
+        let what = match (&net.tap, net.fd) {
+            (Some(name), _) => format!("tap {name}"),
+            (None, Some(fd)) => format!("fd {fd}"),
+            (None, None) => "no tap".to_string(),
+        };
+        let mut name = format!("net eth{i} ({what})");
+        let tap = match (&net.tap, net.fd) {
+            (Some(tap), None) => Tap::open(tap),
+            (None, Some(fd)) => Tap::from_fd(fd),
+            _ => {
+                return Err(Error::Config(crate::config::ConfigError::Invalid(
+                    "net needs exactly one of tap=NAME or fd=N".into(),
+                )))
+            }
+        }
+        .map_err(|e| device_err(&name, e))?;
+        if net.tap.is_none() {
+            name = format!(
+                "net eth{i} (fd {}, tap {})",
+                net.fd.unwrap_or(-1),
+                tap.name()
+            );
+        }
+        let mac = net.mac.map_or_else(random_mac, |m| m.0);
+        // The configuration checked the range.
+        let mtu = net.mtu.and_then(|m| u16::try_from(m).ok());
+        tracing::info!(
+            device = %name,
+            mac = %crate::config::MacAddr(mac),
+            mtu = ?mtu,
+            "net: guest interface"
+        );
+        devices.push((name, Box::new(Net::new(tap, mac, mtu))));
     }
     Ok(devices)
 }

@@ -248,6 +248,7 @@ impl Vmm {
         // virtio-mmio devices: the configured ones, then any extra.
         let mut devices = crate::virtio_wiring::create_devices(&config)?;
         devices.extend(crate::devices::virtio::fs::create_devices(&config)?);
+        devices.extend(crate::virtio_wiring::create_net_devices(&config)?);
         devices.extend(options.extra_virtio_devices);
         let mut cmdline = config.cmdline.clone();
         for (i, (name, device)) in devices.into_iter().enumerate() {

@@ -878,7 +878,7 @@ mod tests {
         for (lo, addr) in [
             (REG_QUEUE_DESC_LOW, q.mock.desc_table_addr().0),
             (REG_QUEUE_DRIVER_LOW, q.mock.avail_addr().0),
-            (REG_QUEUE_DEVICE_LOW, q.mock.used_addr().0),
+            (REG_QUEUE_DEVICE_LOW, q.used_addr()),
         ] {
             w(&mut t, lo, addr as u32);
             w(&mut t, lo + 4, (addr >> 32) as u32);

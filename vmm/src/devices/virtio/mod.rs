@@ -18,6 +18,8 @@
 //! - [`Rng::new()`](Rng::new): entropy from the host's `/dev/urandom`.
 //! - [`Fs::new(&FsConfig)`](Fs::new): virtio-fs served by a vhost-user backend (virtiofsd); connects and
 //!   negotiates at once (no backend = error). Needs guest memory from `crate::memory::create(.., true)`.
+//! - [`Net::new(tap, mac, mtu)`](Net::new): virtio-net over a TAP interface ([`net::Tap::open`] by name or
+//!   [`net::Tap::from_fd`] for an inherited tap fd); one queue pair, emulated in user space.
 //!
 //! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
 //! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
@@ -27,6 +29,7 @@ pub mod block;
 mod chain;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
@@ -35,6 +38,7 @@ mod worker;
 
 pub use block::Block;
 pub use fs::Fs;
+pub use net::Net;
 pub use rng::Rng;
 pub use vsock::Vsock;
 

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::mock::{MockSplitQueue, UsedRing};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -38,8 +38,13 @@ impl Bump {
 }
 
 /// A queue driven from the driver side.
+///
+/// The used ring is placed here rather than where `MockSplitQueue::create` puts it: virtio-queue 0.18's mock
+/// ends the available ring after `len` bytes instead of `4 + 2 * len + 2`, so its used ring overlaps the
+/// upper half of the available ring and a test that posts more than `size / 2` chains corrupts both.
 pub struct TestQueue<'a> {
     pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    used: UsedRing<'a, GuestMemoryMmap>,
     size: u16,
     next_desc: u16,
     used_seen: u16,
@@ -48,8 +53,13 @@ pub struct TestQueue<'a> {
 
 impl<'a> TestQueue<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        // flags, idx, ring[size], used_event; the used ring is 4-byte aligned.
+        let avail_end = mock.avail_addr().0 + 4 + 2 * u64::from(size) + 2;
+        let used = UsedRing::new(mem, GuestAddress((avail_end + 3) & !3), size);
         Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            mock,
+            used,
             size,
             next_desc: 0,
             used_seen: 0,
@@ -59,8 +69,15 @@ impl<'a> TestQueue<'a> {
 
     /// The device side: a ready `Queue` and the kick eventfd.
     pub fn device_side(&self) -> (Queue, EventFd) {
-        let q: Queue = self.mock.create_queue().unwrap();
+        let mut q: Queue = self.mock.create_queue().unwrap();
+        let used = self.used_addr();
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
         (q, self.event.try_clone().unwrap())
+    }
+
+    /// Guest address of the used ring.
+    pub fn used_addr(&self) -> u64 {
+        self.used.start().0 - 4
     }
 
     /// Publish chain head `head` in the available ring.
@@ -113,13 +130,12 @@ impl<'a> TestQueue<'a> {
 
     /// The next used element (id, len), if the device produced one.
     pub fn next_used(&mut self) -> Option<(u32, u32)> {
-        let idx = self.mock.used().idx().load();
+        let idx = self.used.idx().load();
         if idx == self.used_seen {
             return None;
         }
         let e = self
-            .mock
-            .used()
+            .used
             .ring()
             .ref_at((self.used_seen % self.size) as usize)
             .unwrap()
