@@ -85,3 +85,56 @@ pub fn create_net_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> 
     }
     Ok(devices)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::config::{MacAddr, NetConfig};
+
+    #[test]
+    fn net_devices_are_separate_and_check_what_they_open() {
+        let mut c = VmConfig::new("/k");
+        c.rng = true;
+        // A descriptor that is not a tap: a device error naming it (and the fd is left alone).
+        let f = tempfile::tempfile().unwrap();
+        c.net = vec![NetConfig {
+            tap: None,
+            fd: Some(f.as_raw_fd()),
+            mac: None,
+            mtu: None,
+        }];
+        let e = create_net_devices(&c).err().expect("not a tap").to_string();
+        assert!(
+            e.contains("not a tap") && e.contains(&format!("fd {}", f.as_raw_fd())),
+            "{e}"
+        );
+        // The other devices do not include net (it is appended after fs by the VMM).
+        let others = create_devices(&c).unwrap();
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].1.device_type(), 4);
+
+        let name = format!("cvw{}", std::process::id() % 1_000_000);
+        c.net = vec![NetConfig {
+            tap: Some(name.clone()),
+            fd: None,
+            mac: Some(MacAddr([0x52, 0x54, 0, 1, 2, 3])),
+            mtu: Some(1400),
+        }];
+        let devs = match create_net_devices(&c) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipping the tap part: {e}");
+                return;
+            }
+        };
+        assert_eq!(devs.len(), 1);
+        assert!(devs[0].0.contains(&name), "{}", devs[0].0);
+        assert_eq!(devs[0].1.device_type(), 1);
+        let mut cfg = [0u8; 12];
+        devs[0].1.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..6], &[0x52, 0x54, 0, 1, 2, 3]);
+        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1400);
+    }
+}

@@ -644,8 +644,10 @@ impl NetWorker {
         let nb = u16::try_from(chains).unwrap_or(u16::MAX).to_le_bytes();
         self.rx_buf[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&nb);
         let mut off = 0usize;
+        let mut complete = true;
         for _ in 0..chains {
             let Some(chain) = self.rx_held.pop_front() else {
+                complete = false;
                 break;
             };
             let n = (chain.writable.len().min((len - off) as u64)) as usize;
@@ -656,14 +658,20 @@ impl NetWorker {
             match written {
                 Ok(w) if w == n => self.rx.add_used(&self.mem, chain.head, n as u32),
                 other => {
+                    // Not expected: the chain's ranges were checked against guest memory.
                     tracing::error!(result = ?other.map_err(|e| e.to_string()), "net: cannot write rx buffer");
                     self.rx.add_used(&self.mem, chain.head, 0);
+                    complete = false;
                 }
             }
             off += n;
         }
-        inc(&self.counters.rx_frames, 1);
-        inc(&self.counters.rx_bytes, (len - HDR_LEN) as u64);
+        if complete {
+            inc(&self.counters.rx_frames, 1);
+            inc(&self.counters.rx_bytes, (len - HDR_LEN) as u64);
+        } else {
+            inc(&self.counters.rx_dropped, 1);
+        }
         self.rx_len = None;
         true
     }

@@ -957,3 +957,36 @@ fn tap_from_fd_checks_what_it_adopts() {
         }
     }
 }
+
+#[test]
+fn deleted_tap_does_not_make_the_worker_spin() {
+    let Some(tap) = test_tap() else { return };
+    let name = tap.name().to_string();
+    let mem = test_mem();
+    let mut dev = Net::new(tap, MAC, None);
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev, 0);
+    g.post_rx(2048);
+    let mut p = vec![0u8; HDR_LEN];
+    p.extend(frame(0x44, 60));
+    assert_eq!(g.send(&p), 0);
+    assert_eq!(stats(&dev).tx_frames, 1);
+    let out = std::process::Command::new("ip")
+        .args(["link", "del", &name])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("skipping: cannot delete {name}: {other:?}");
+            return;
+        }
+    }
+    // The tap now polls as an error forever; the worker stops watching it instead of spinning.
+    let _ = wakeups_while_idle(&dev);
+    assert!(wakeups_while_idle(&dev) <= 2, "worker spins on a dead tap");
+    // The guest's frames are still returned (and counted as dropped).
+    assert_eq!(g.send(&p), 0);
+    let s = stats(&dev);
+    assert_eq!((s.tx_frames, s.tx_dropped), (1, 1));
+    assert!(dev.reset());
+}
