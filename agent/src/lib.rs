@@ -11,14 +11,15 @@
 //! - [`server`]: the ttrpc service and its listener.
 //!
 //! - [`container`]: OCI containers (libcontainer), storages, stdio streaming, cgroups, OOM events.
-//!
-//! Network arrives as `network`.
+//! - [`network`]: interfaces, routes and neighbours of the guest's (= the pod's) network namespace, over
+//!   rtnetlink.
 
 pub mod boot_timer;
 pub mod container;
 pub mod guest_details;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod server;

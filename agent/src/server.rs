@@ -12,6 +12,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::container::Containers;
 use crate::guest_details::{self, AgentFacts};
+use crate::network;
 use crate::reaper::Reaper;
 use crate::sandbox::{self, PowerOff};
 
@@ -239,14 +240,41 @@ implemented {
         Ok(Empty::new())
     }
 
+    async fn update_interface(&self, _ctx: &TtrpcContext, req: agent::UpdateInterfaceRequest) -> ttrpc::Result<agent::Interface> {
+        let empty = agent::Interface::new();
+        let iface = req.interface.as_ref().unwrap_or(&empty);
+        network::update_interface(iface).await.map_err(|e| {
+            tracing::warn!(hw_addr = %iface.hw_addr, "UpdateInterface: {e}");
+            e.into()
+        })
+    }
+
+    async fn update_routes(&self, _ctx: &TtrpcContext, req: agent::UpdateRoutesRequest) -> ttrpc::Result<agent::Routes> {
+        network::update_routes(&req).await.map_err(|e| {
+            tracing::warn!("UpdateRoutes: {e}");
+            e.into()
+        })
+    }
+
+    async fn add_arp_neighbors(&self, _ctx: &TtrpcContext, req: agent::AddARPNeighborsRequest) -> ttrpc::Result<Empty> {
+        network::add_arp_neighbors(&req).await.map_err(|e| {
+            tracing::warn!("AddARPNeighbors: {e}");
+            ttrpc::Error::from(e)
+        })?;
+        Ok(Empty::new())
+    }
+
+    async fn list_interfaces(&self, _ctx: &TtrpcContext, _req: agent::ListInterfacesRequest) -> ttrpc::Result<agent::Interfaces> {
+        Ok(network::list_interfaces().await?)
+    }
+
+    async fn list_routes(&self, _ctx: &TtrpcContext, _req: agent::ListRoutesRequest) -> ttrpc::Result<agent::Routes> {
+        Ok(network::list_routes().await?)
+    }
+
 }
     unimplemented {
         online_cpu_mem(agent::OnlineCPUMemRequest) -> Empty, "OnlineCPUMem";
-        update_interface(agent::UpdateInterfaceRequest) -> agent::Interface, "UpdateInterface";
-        update_routes(agent::UpdateRoutesRequest) -> agent::Routes, "UpdateRoutes";
-        list_interfaces(agent::ListInterfacesRequest) -> agent::Interfaces, "ListInterfaces";
-        list_routes(agent::ListRoutesRequest) -> agent::Routes, "ListRoutes";
-        add_arp_neighbors(agent::AddARPNeighborsRequest) -> Empty, "AddARPNeighbors";
     }
 }
 
@@ -376,6 +404,31 @@ mod tests {
             Err(ttrpc::Error::RpcStatus(s)) => {
                 assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT);
                 assert!(s.message().contains("container id"), "{}", s.message());
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        // Network requests are checked before the kernel is asked anything.
+        match client
+            .update_interface(ctx(), &agent::UpdateInterfaceRequest::new())
+            .await
+        {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT);
+                assert!(s.message().contains("interface.hw_addr"), "{}", s.message());
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        let mut route = agent::Route::new();
+        route.dest = "10.0.0.0/33".into();
+        route.device = "eth0".into();
+        let mut routes = agent::Routes::new();
+        routes.routes.push(route);
+        let mut req = agent::UpdateRoutesRequest::new();
+        req.routes = Some(routes).into();
+        match client.update_routes(ctx(), &req).await {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT);
+                assert!(s.message().contains("routes[0].dest"), "{}", s.message());
             }
             other => panic!("unexpected reply {other:?}"),
         }
