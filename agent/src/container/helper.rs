@@ -273,7 +273,7 @@ fn read_reply(child: &mut std::process::Child) -> Result<i32, String> {
         (Some(pid), None) => Ok(pid),
         (_, Some(err)) => {
             let l = logs();
-            let detail = last_error_line(&l);
+            let detail = error_lines(&l);
             Err(if detail.is_empty() {
                 err
             } else {
@@ -284,19 +284,31 @@ fn read_reply(child: &mut std::process::Child) -> Result<i32, String> {
     }
 }
 
-/// The most useful line of libcontainer's log: the last ERROR line, without the tracing prefix.
-fn last_error_line(logs: &str) -> String {
-    logs.lines()
-        .rev()
-        .find(|l| l.contains("ERROR"))
-        .map(|l| {
-            let l = strip_ansi(l);
-            match l.find("ERROR") {
-                Some(i) => l[i + 5..].trim().to_string(),
-                None => l,
-            }
-        })
-        .unwrap_or_default()
+/// What libcontainer logged as errors, innermost first, without the tracing prefix, joined with "; ": its
+/// outer errors are generic ("failed to prepare rootfs"), the first line names the mount, path or syscall.
+/// Bounded (the helper's log is read up to 16 KiB; this keeps the reply to a few lines).
+fn error_lines(logs: &str) -> String {
+    const MAX: usize = 2048;
+    let mut out = String::new();
+    for l in logs.lines().filter(|l| l.contains("ERROR")) {
+        let l = strip_ansi(l);
+        let msg = match l.find("ERROR") {
+            Some(i) => l[i + 5..].trim().to_string(),
+            None => l,
+        };
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if out.len() + msg.len() + 2 > MAX {
+            out.push_str("; ...");
+            break;
+        }
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -337,7 +349,15 @@ mod tests {
     #[test]
     fn error_line_is_extracted() {
         let logs = "\u{1b}[2m2024\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m libcontainer: failed to mount /x\nnoise\n";
-        assert_eq!(last_error_line(logs), "libcontainer: failed to mount /x");
-        assert_eq!(last_error_line("nothing"), "");
+        assert_eq!(error_lines(logs), "libcontainer: failed to mount /x");
+        assert_eq!(error_lines("nothing"), "");
+        let nested = "ERROR mount: EINVAL dest=/data\nERROR failed to prepare rootfs\nERROR failed to prepare rootfs\n";
+        assert_eq!(
+            error_lines(nested),
+            "mount: EINVAL dest=/data; failed to prepare rootfs"
+        );
+        let long: String = (0..100).map(|i| format!("ERROR line {i} {}\n", "x".repeat(50))).collect();
+        let joined = error_lines(&long);
+        assert!(joined.len() <= 2048 + 5 && joined.ends_with("; ..."), "{joined}");
     }
 }

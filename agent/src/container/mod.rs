@@ -123,8 +123,11 @@ fn internal(what: &str) -> impl Fn(std::io::Error) -> ContainerError + '_ {
 pub struct Paths {
     /// libcontainer's state root.
     pub state_root: PathBuf,
-    /// One bundle directory per container (config.json, exec process files, console sockets).
+    /// One bundle directory per container (config.json, exec process files).
     pub bundles: PathBuf,
+    /// Console sockets, one per terminal being set up. A short directory of its own: a Unix socket path
+    /// has at most 107 bytes, and CRI's container and exec ids are 64 characters each.
+    pub consoles: PathBuf,
     pub cgroup_root: PathBuf,
 }
 
@@ -133,6 +136,7 @@ impl Default for Paths {
         Paths {
             state_root: "/run/capsa/containers".into(),
             bundles: "/run/capsa/bundles".into(),
+            consoles: "/run/capsa/tty".into(),
             cgroup_root: cgroup::CGROUP_ROOT.into(),
         }
     }
@@ -477,6 +481,17 @@ impl Containers {
         let net_sysctls = spec::take_net_sysctls(&mut spec)?;
         let spec = spec::prepare_spec(spec, &ctx)?;
         set_pod_sysctls(&net_sysctls)?;
+        for src in spec::propagated_bind_sources(&spec) {
+            let src2 = src.clone();
+            blocking(move || storage::ensure_shared_mount(&src2))
+                .await?
+                .map_err(|e| {
+                    ContainerError::InvalidArgument(format!(
+                        "mount propagation for bind source {}: {e}",
+                        src.display()
+                    ))
+                })?;
+        }
         let terminal = spec
             .process()
             .as_ref()
@@ -499,7 +514,7 @@ impl Containers {
             console_socket: console,
         };
         let (pid, stdio, exit) = self
-            .spawn_process(terminal, &bundle, init_exec_id, req_h)
+            .spawn_process(terminal, init_exec_id, req_h)
             .await?;
         let cdir = cgroup::cgroup_dir(&self.paths.cgroup_root, &cg);
         let container = Arc::new(Container {
@@ -526,18 +541,31 @@ impl Containers {
         Ok(())
     }
 
+    /// A fresh console socket path under [`Paths::consoles`], short whatever the ids are.
+    fn console_socket_path(&self) -> Result<PathBuf> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        std::fs::create_dir_all(&self.paths.consoles)
+            .map_err(internal("creating the console socket directory"))?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.paths.consoles.join(format!("{n}.sock")))
+    }
+
     /// Creates stdio, runs the helper under the reaper's registry lock, returns pid, stdio, exit.
     async fn spawn_process(
         &self,
         terminal: bool,
-        bundle: &Path,
         exec_id: &str,
         make_req: impl FnOnce(Option<PathBuf>) -> HelperRequest,
     ) -> Result<(i32, Stdio, tokio::sync::oneshot::Receiver<ChildExit>)> {
         let reaper = self.reaper.clone();
         if terminal {
-            let sock = bundle.join(format!("console-{exec_id}.sock"));
-            let listener = stdio::console_listener(&sock).map_err(internal("console socket"))?;
+            let sock = self.console_socket_path()?;
+            let listener = stdio::console_listener(&sock).map_err(|e| {
+                ContainerError::Internal(format!(
+                    "console socket {} for process {exec_id:?}: {e}",
+                    sock.display()
+                ))
+            })?;
             let req = make_req(Some(sock.clone()));
             let r = blocking(move || {
                 let (master, exit) = reaper.spawn_registered(|| {
@@ -654,7 +682,7 @@ impl Containers {
             console_socket: console,
         };
         let r = self
-            .spawn_process(terminal, &c.bundle, &req.exec_id, req_h)
+            .spawn_process(terminal, &req.exec_id, req_h)
             .await;
         let _ = std::fs::remove_file(&pfile);
         let (pid, stdio, exit) = r?;

@@ -54,7 +54,13 @@ pub enum SpecError {
     Rlimit { name: String, soft: u64, hard: u64 },
     #[error("sysctl {key:?}: {why}")]
     Sysctl { key: String, why: &'static str },
+    #[error("linux.rootfsPropagation {0:?} is not one of shared, slave, private, unbindable (with or without an r prefix)")]
+    RootfsPropagation(String),
 }
+
+/// The annotation containerd's CRI puts on every container it creates; `sandbox` marks the pod's own
+/// (pause) container, the owner of the pod's namespaces.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 const KNOWN_NAMESPACES: &[&str] = &[
     "pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time",
@@ -108,9 +114,57 @@ pub fn parse_spec(json: &[u8]) -> Result<Spec, SpecError> {
 
 /// Parses a `Process` JSON (exec).
 pub fn parse_process(json: &[u8]) -> Result<Process, SpecError> {
-    let p: Process = serde_json::from_slice(json).map_err(|e| SpecError::Json(e.to_string()))?;
+    let mut p: Process =
+        serde_json::from_slice(json).map_err(|e| SpecError::Json(e.to_string()))?;
     check_process(&p)?;
+    normalize_no_new_privileges(&mut p);
     Ok(p)
+}
+
+/// `noNewPrivileges: false` is the same as leaving it out (runc, Go's `omitempty`), but libcontainer takes
+/// any value present as "set" and then installs the seccomp filter after dropping capabilities, where a
+/// process without CAP_SYS_ADMIN may not: write it as absent.
+fn normalize_no_new_privileges(p: &mut Process) {
+    if p.no_new_privileges() == Some(false) {
+        p.set_no_new_privileges(None);
+    }
+}
+
+/// Sources of the bind mounts that ask for `rshared` or `rslave` propagation (Kubernetes' Bidirectional and
+/// HostToContainer).
+pub fn propagated_bind_sources(spec: &Spec) -> Vec<PathBuf> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .filter(|m| {
+            let opts = m.options().as_deref().unwrap_or_default();
+            let bind = m.typ().as_deref() == Some("bind")
+                || opts.iter().any(|o| o == "bind" || o == "rbind");
+            bind && opts.iter().any(|o| o == "rshared" || o == "rslave")
+        })
+        .filter_map(|m| m.source().clone())
+        .collect()
+}
+
+/// Whether the spec is the pod's own container (CRI's sandbox, the pause).
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
+        .is_some_and(|t| t == "sandbox")
+}
+
+/// libcontainer knows `shared`, `slave`, `private` and `unbindable` and always applies them recursively to the
+/// container's root; runc and containerd's CRI also write the `r` forms (`rshared` for a Bidirectional mount,
+/// `rslave` for HostToContainer), which mean the same there: map them, refuse anything else by name.
+fn normalize_rootfs_propagation(value: &str) -> Result<&'static str, SpecError> {
+    Ok(match value {
+        "shared" | "rshared" => "shared",
+        "slave" | "rslave" => "slave",
+        "private" | "rprivate" => "private",
+        "unbindable" | "runbindable" => "unbindable",
+        other => return Err(SpecError::RootfsPropagation(other.to_string())),
+    })
 }
 
 pub fn check_process(p: &Process) -> Result<(), SpecError> {
@@ -215,8 +269,11 @@ pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, Sp
         .map_err(|e| SpecError::Json(e.to_string()))?;
     spec.set_root(Some(root));
 
-    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
-    check_process(process)?;
+    let mut process = spec.process().clone().ok_or(SpecError::NoProcess)?;
+    check_process(&process)?;
+    normalize_no_new_privileges(&mut process);
+    spec.set_process(Some(process));
+    let sandbox = is_pod_sandbox(&spec);
 
     // Mounts: destinations stay inside the rootfs; bind sources exist in the guest.
     for m in spec.mounts().iter().flatten() {
@@ -246,14 +303,17 @@ pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, Sp
 
     let mut linux = spec.linux().clone().unwrap_or_default();
     // Namespaces: the pod shares the guest's network namespace (the VM is the pod); ipc, uts and pid are
-    // the pod's when the spec joins one (any path, as CRI sends), private when it asks for new ones.
+    // the pod's when the spec joins one (any path, as CRI sends), private when it asks for new ones. The
+    // pod's own (sandbox) container asks for new ipc and uts namespaces, the ones its app containers then
+    // join: here it gets the pod's, so what its spec sets there (the pod's ipc sysctls) reaches them.
     let mut namespaces: Vec<LinuxNamespace> = Vec::new();
     let mut shared_uts = false;
     for ns in linux.namespaces().iter().flatten() {
         let joins = ns
             .path()
             .as_ref()
-            .is_some_and(|p| !p.as_os_str().is_empty());
+            .is_some_and(|p| !p.as_os_str().is_empty())
+            || (sandbox && matches!(ns.typ(), LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts));
         let mut ns = ns.clone();
         match ns.typ() {
             LinuxNamespaceType::Network => continue,
@@ -277,6 +337,9 @@ pub fn prepare_spec(mut spec: Spec, ctx: &PrepareContext<'_>) -> Result<Spec, Sp
 
     if let Some(res) = linux.resources() {
         check_resources(res, ctx.online_cpus, ctx.online_mems)?;
+    }
+    if let Some(p) = linux.rootfs_propagation().clone() {
+        linux.set_rootfs_propagation(Some(normalize_rootfs_propagation(&p)?.to_string()));
     }
     linux.set_cgroups_path(Some(PathBuf::from(ctx.cgroup_path)));
     spec.set_linux(Some(linux));
@@ -742,5 +805,93 @@ mod tests {
         assert_eq!(count_online(&f), 1);
         std::fs::write(&f, "0-1,4-5\n").unwrap();
         assert_eq!(count_online(&f), 6);
+    }
+    #[test]
+    fn the_pod_sandbox_container_gets_the_pods_ipc_and_uts() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = base_json(d.path());
+        v["linux"]["namespaces"] = json!([
+            {"type": "pid"}, {"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"},
+            {"type": "ipc"}, {"type": "uts"}
+        ]);
+        v["linux"]["sysctl"] = json!({"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"});
+        let ns_of = |spec: &Spec, t: LinuxNamespaceType| {
+            spec.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|n| n.typ() == t)
+                .and_then(|n| n.path().clone())
+        };
+        // An ordinary container asking for new ipc/uts namespaces gets fresh ones and keeps its hostname.
+        let plain = prepare(v.clone(), None).unwrap();
+        assert_eq!(ns_of(&plain, LinuxNamespaceType::Ipc), None);
+        assert_eq!(plain.hostname().as_deref(), Some("box"));
+        // CRI's sandbox container: the pod's, so its ipc sysctls land where the app containers are.
+        v["annotations"] = json!({CRI_CONTAINER_TYPE: "sandbox"});
+        let sandbox = prepare(v.clone(), None).unwrap();
+        assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Ipc), Some(pod().ipc));
+        assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Uts), Some(pod().uts));
+        assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Pid), None);
+        assert_eq!(sandbox.hostname(), &None, "the pod's hostname is set at CreateSandbox");
+        let sysctl = sandbox.linux().as_ref().and_then(|l| l.sysctl().clone()).unwrap();
+        assert_eq!(sysctl.get("fs.mqueue.msg_max").map(String::as_str), Some("100"));
+        // An app container is not the sandbox.
+        v["annotations"] = json!({CRI_CONTAINER_TYPE: "container"});
+        assert_eq!(ns_of(&prepare(v, None).unwrap(), LinuxNamespaceType::Ipc), None);
+    }
+
+    #[test]
+    fn rootfs_propagation_r_forms_and_no_new_privileges_false() {
+        let d = tempfile::tempdir().unwrap();
+        for (given, want) in [
+            ("rshared", "shared"),
+            ("rslave", "slave"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("shared", "shared"),
+            ("slave", "slave"),
+        ] {
+            let mut v = base_json(d.path());
+            v["linux"]["rootfsPropagation"] = json!(given);
+            let spec = prepare(v, None).unwrap();
+            assert_eq!(
+                spec.linux().as_ref().unwrap().rootfs_propagation().as_deref(),
+                Some(want),
+                "{given}"
+            );
+        }
+        let mut v = base_json(d.path());
+        v["linux"]["rootfsPropagation"] = json!("bogus");
+        let e = prepare(v, None).unwrap_err();
+        assert!(e.to_string().contains("\"bogus\""), "{e}");
+        // noNewPrivileges false is written as absent; true stays.
+        let mut v = base_json(d.path());
+        v["process"]["noNewPrivileges"] = json!(false);
+        let spec = prepare(v.clone(), None).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
+        v["process"]["noNewPrivileges"] = json!(true);
+        let spec = prepare(v, None).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), Some(true));
+        let p = parse_process(br#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": false}"#).unwrap();
+        assert_eq!(p.no_new_privileges(), None);
+    }
+
+    #[test]
+    fn propagated_bind_sources_are_the_rshared_and_rslave_binds() {
+        let d = tempfile::tempdir().unwrap();
+        let mut v = base_json(d.path());
+        v["mounts"] = json!([
+            {"destination": "/a", "type": "bind", "source": "/s/a", "options": ["rbind", "rshared"]},
+            {"destination": "/b", "source": "/s/b", "options": ["rbind", "rslave"]},
+            {"destination": "/c", "type": "bind", "source": "/s/c", "options": ["rbind", "rprivate"]},
+            {"destination": "/d", "type": "tmpfs", "source": "tmpfs", "options": ["rshared"]}
+        ]);
+        let spec = parse_spec(v.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            propagated_bind_sources(&spec),
+            vec![PathBuf::from("/s/a"), PathBuf::from("/s/b")]
+        );
     }
 }

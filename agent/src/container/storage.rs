@@ -234,6 +234,45 @@ impl Storages {
     }
 }
 
+/// Whether `dir` is a mount point in the agent's mount namespace.
+fn is_mount_point(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| Path::new(&mp.replace("\\040", " ")) == dir)
+}
+
+/// Makes `dir` a shared mount in the agent's mount namespace (bound onto itself first when it is not a mount
+/// point), so a container binding it with `rshared` or `rslave` propagation gets a peer or a slave of it: a
+/// mount one container makes below a Bidirectional path is then seen by the pod's other containers that bind
+/// the same path (containerd checks the same of the host path on a node). Idempotent.
+pub fn ensure_shared_mount(dir: &Path) -> Result<(), StorageError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        StorageError::Io(dir.to_path_buf(), format!("{what}: {e}"))
+    };
+    // Resolving the path mounts an announced virtio-fs submount there, if it is one.
+    let dir = dir.canonicalize().map_err(|e| err("resolving it", &e))?;
+    if !is_mount_point(&dir) {
+        nix::mount::mount(
+            Some(&dir),
+            &dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err("binding it onto itself", &e))?;
+    }
+    nix::mount::mount(
+        None::<&str>,
+        &dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| err("making it a shared mount", &e))
+}
+
 /// `/dev/vdb`, `vdb` → `/dev/vdb`.
 fn block_device_path(source: &str) -> PathBuf {
     if source.starts_with('/') {

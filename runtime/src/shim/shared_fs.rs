@@ -66,6 +66,28 @@ pub struct HostBind {
     pub source: PathBuf,
     /// A directory (else a regular file).
     pub dir: bool,
+    /// The spec asks for a read-only mount: the host side of the share is made read-only too (not
+    /// recursively, as runc does), so nothing in the guest, its kernel included, can write through it.
+    pub readonly: bool,
+    /// Set for a directory bound with mount propagation (`rshared`, `rslave`: Kubernetes' Bidirectional and
+    /// HostToContainer): the key under [`POD_VOLUMES`] where the pod shares it once for all its containers,
+    /// so their guest mounts meet as on a node.
+    pub pod_volume: Option<String>,
+}
+
+/// Directory of the share holding the host paths containers bind with mount propagation, one entry per host
+/// path for the whole pod (see [`PodVolumes`]).
+pub const POD_VOLUMES: &str = "pod-volumes";
+
+/// A stable directory name for a host path: FNV-1a (64 bits) of its bytes, in hex.
+fn volume_key(src: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in src.as_os_str().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// The spec for the guest and what the host must share for it.
@@ -75,6 +97,25 @@ pub struct SharedSpec {
     pub binds: Vec<HostBind>,
     /// `destination (source): why` of each bind mount left out.
     pub dropped: Vec<String>,
+}
+
+fn has_option(m: &Value, opt: &str) -> bool {
+    m["options"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|x| x == opt))
+}
+
+/// Whether something is mounted below `dir` on the host (read from /proc/self/mountinfo).
+fn has_submounts(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| PathBuf::from(mp.replace("\\040", " ")))
+        .any(|mp| mp != dir && mp.starts_with(&dir))
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -149,10 +190,30 @@ pub fn shared_guest_spec(spec_json: &[u8], cid: &str) -> Result<SharedSpec, Sand
                 Ok(dir) => {
                     let index = binds.len();
                     m["source"] = format!("{}/mounts/{index}", guest_container_dir(cid)).into();
+                    let readonly = has_option(&m, "ro");
+                    if readonly && dir && has_submounts(&src) {
+                        // The guest sees the source and what is mounted below it as one virtio-fs tree, where
+                        // `ro` would cover the submounts too; runc's `ro` is not recursive. The host side of
+                        // the share is read-only at the top only, so the guest mount stays writable and
+                        // writes to the top fail there (EROFS) while the submounts take them.
+                        if let Some(opts) = m["options"].as_array_mut() {
+                            opts.retain(|o| o != "ro");
+                        }
+                        tracing::info!(container = cid, destination = %dest, source = %src.display(),
+                            "read-only bind with mounts below it: read-only on the host side only");
+                    }
+                    let propagated = dir && (has_option(&m, "rshared") || has_option(&m, "rslave"));
+                    let pod_volume = propagated.then(|| {
+                        let key = volume_key(&src);
+                        m["source"] = format!("{GUEST_SHARED_DIR}/{POD_VOLUMES}/{key}").into();
+                        key
+                    });
                     binds.push(HostBind {
                         index,
                         source: src,
                         dir,
+                        readonly,
+                        pod_volume,
                     });
                     mounts.push(m);
                 }
@@ -206,6 +267,54 @@ fn mkdir_at(dir: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
     )
 }
 
+/// Binds `source` onto `target` (a /proc/self/fd path of entry `name` in `parent`) and returns a descriptor
+/// of the new mount (looked up as `name` in `parent`, checked to be a different mount than its parent).
+fn bind_at(
+    source: &Path,
+    target: &Path,
+    parent: &OwnedFd,
+    name: &str,
+    dir: bool,
+    what: &str,
+) -> Result<OwnedFd, SandboxError> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| io_err(format!("bind-mount {what}"), e))?;
+    let mut flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+    if dir {
+        flags |= OFlag::O_DIRECTORY;
+    }
+    let fd = match open_at(parent, name, flags, Mode::empty()) {
+        Ok(fd) if mnt_id(&fd).is_some() && mnt_id(&fd) != mnt_id(parent) => fd,
+        other => {
+            // Someone replaced the entry between mount and open: take the mount off through the
+            // target descriptor and give up.
+            let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+            return Err(SandboxError::Internal(format!(
+                "bind-mount {what}: the mount point changed under us ({:?})",
+                other.err()
+            )));
+        }
+    };
+    // The guest-facing copy only receives: nothing mounted under it propagates back to the host's
+    // source (and mounts made on the host later still reach the guest, for HostToContainer).
+    if let Err(e) = nix::mount::mount(
+        None::<&str>,
+        &fd_path(&fd),
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        tracing::debug!(what, error = %e, "cannot make the bind mount a slave");
+    }
+    Ok(fd)
+}
+
 /// Something created under the container's directory, removed in reverse order.
 #[derive(Debug)]
 struct Created {
@@ -231,6 +340,123 @@ pub struct ContainerShare {
     dirs: Vec<OwnedFd>,
     created: Vec<Created>,
     mounts: Vec<Mounted>,
+    /// The pod volumes this container holds a reference on, and where they live.
+    pod_volumes: Option<(PodVolumes, Vec<String>)>,
+}
+
+/// The pod's shared host paths (`<shared>/pod-volumes/<key>`), reference-counted by the containers that bind
+/// them; a clone is a handle on the same set. The last container to go unmounts and removes the entry.
+#[derive(Debug, Clone, Default)]
+pub struct PodVolumes {
+    inner: std::sync::Arc<std::sync::Mutex<PodVolumesInner>>,
+}
+
+#[derive(Debug, Default)]
+struct PodVolumesInner {
+    /// The `pod-volumes` directory, once created.
+    dir: Option<OwnedFd>,
+    entries: std::collections::HashMap<String, PodVolume>,
+}
+
+#[derive(Debug)]
+struct PodVolume {
+    refs: usize,
+    mount: Mounted,
+}
+
+impl PodVolumes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PodVolumesInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a reference on `key`, binding `source` there first when no container has it yet.
+    fn acquire(&self, shared: &OwnedFd, key: &str, source: &Path) -> Result<(), SandboxError> {
+        let mut inner = self.lock();
+        if let Some(v) = inner.entries.get_mut(key) {
+            v.refs += 1;
+            return Ok(());
+        }
+        if inner.dir.is_none() {
+            let fd = match mkdir_at(shared, POD_VOLUMES) {
+                Ok(fd) => fd,
+                Err(nix::Error::EEXIST) => open_at(
+                    shared,
+                    POD_VOLUMES,
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err(format!("open {POD_VOLUMES} in the shared dir"), e))?,
+                Err(e) => return Err(io_err(format!("create {POD_VOLUMES} in the shared dir"), e)),
+            };
+            inner.dir = Some(fd);
+        }
+        let Some(dir) = inner.dir.as_ref() else {
+            return Err(SandboxError::Internal(format!("{POD_VOLUMES} missing")));
+        };
+        let target = match mkdir_at(dir, key) {
+            Ok(fd) => fd,
+            // Left by a container whose cleanup failed: use it if it is a plain directory.
+            Err(nix::Error::EEXIST) => open_at(
+                dir,
+                key,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(|e| io_err(format!("open {POD_VOLUMES}/{key}"), e))?,
+            Err(e) => return Err(io_err(format!("create {POD_VOLUMES}/{key}"), e)),
+        };
+        let what = format!("{} on {POD_VOLUMES}/{key}", source.display());
+        let mount = match bind_at(source, &fd_path(&target), dir, key, true, &what) {
+            Ok(fd) => Mounted { fd, what },
+            Err(e) => {
+                let _ = nix::unistd::unlinkat(Some(dir.as_raw_fd()), key, UnlinkatFlags::RemoveDir);
+                return Err(e);
+            }
+        };
+        inner
+            .entries
+            .insert(key.to_owned(), PodVolume { refs: 1, mount });
+        Ok(())
+    }
+
+    /// Drops a reference on `key`; the last one unmounts and removes the entry.
+    fn release(&self, key: &str) -> Vec<String> {
+        let mut inner = self.lock();
+        let Some(v) = inner.entries.get_mut(key) else {
+            return Vec::new();
+        };
+        v.refs -= 1;
+        if v.refs > 0 {
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        if let Some(v) = inner.entries.remove(key) {
+            if let Err(e) = nix::mount::umount2(&fd_path(&v.mount.fd), MntFlags::MNT_DETACH) {
+                if e != nix::Error::EINVAL {
+                    errors.push(format!("unmount {}: {e}", v.mount.what));
+                }
+            }
+        }
+        if let Some(dir) = inner.dir.as_ref() {
+            if let Err(e) =
+                nix::unistd::unlinkat(Some(dir.as_raw_fd()), key, UnlinkatFlags::RemoveDir)
+            {
+                if e != nix::Error::ENOENT {
+                    errors.push(format!("remove {POD_VOLUMES}/{key}: {e}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// How many host paths are shared now.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl ContainerShare {
@@ -241,6 +467,17 @@ impl ContainerShare {
         cid: &str,
         rootfs: &Path,
         binds: &[HostBind],
+    ) -> Result<ContainerShare, SandboxError> {
+        Self::create_in_pod(shared_dir, cid, rootfs, binds, &PodVolumes::default())
+    }
+
+    /// [`ContainerShare::create`], with the binds that name a pod volume taken from (or added to) `volumes`.
+    pub fn create_in_pod(
+        shared_dir: &Path,
+        cid: &str,
+        rootfs: &Path,
+        binds: &[HostBind],
+        volumes: &PodVolumes,
     ) -> Result<ContainerShare, SandboxError> {
         check_container_id(cid)?;
         let shared = nix::fcntl::open(
@@ -257,6 +494,7 @@ impl ContainerShare {
             dirs: Vec::new(),
             created: Vec::new(),
             mounts: Vec::new(),
+            pod_volumes: Some((volumes.clone(), Vec::new())),
         };
         // On error `share` drops here and undoes what it did.
         share.build(rootfs, binds)?;
@@ -303,13 +541,31 @@ impl ContainerShare {
         if binds.is_empty() {
             return Ok(());
         }
-        let mounts = self.make_dir(Some(top), "mounts")?;
         for b in binds {
+            let Some(key) = &b.pod_volume else { continue };
+            let (Some(shared), Some((volumes, held))) =
+                (self.shared.as_ref(), self.pod_volumes.as_mut())
+            else {
+                return Err(SandboxError::Internal(
+                    "container share already released".into(),
+                ));
+            };
+            volumes.acquire(shared, key, &b.source)?;
+            held.push(key.clone());
+        }
+        if binds.iter().all(|b| b.pod_volume.is_some()) {
+            return Ok(());
+        }
+        let mounts = self.make_dir(Some(top), "mounts")?;
+        for b in binds.iter().filter(|b| b.pod_volume.is_none()) {
             let name = b.index.to_string();
             if b.dir {
                 let d = self.make_dir(Some(mounts), &name)?;
                 let target = fd_path(&self.dirs[d]);
                 self.bind(&b.source, &target, mounts, &name, true)?;
+                if b.readonly {
+                    self.make_readonly(&name)?;
+                }
             } else {
                 let f = open_at(
                     &self.dirs[mounts],
@@ -324,6 +580,9 @@ impl ContainerShare {
                     dir: false,
                 });
                 self.bind(&b.source, &fd_path(&f), mounts, &name, false)?;
+                if b.readonly {
+                    self.make_readonly(&name)?;
+                }
             }
         }
         Ok(())
@@ -340,45 +599,28 @@ impl ContainerShare {
         dir: bool,
     ) -> Result<(), SandboxError> {
         let what = format!("{} on {}/{name}", source.display(), self.cid);
-        nix::mount::mount(
-            Some(source),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| io_err(format!("bind-mount {what}"), e))?;
-        let mut flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
-        if dir {
-            flags |= OFlag::O_DIRECTORY;
-        }
-        let pfd = &self.dirs[parent];
-        let fd = open_at(pfd, name, flags, Mode::empty());
-        let fd = match fd {
-            Ok(fd) if mnt_id(&fd).is_some() && mnt_id(&fd) != mnt_id(pfd) => fd,
-            other => {
-                // Someone replaced the entry between mount and open: take the mount off through the
-                // target descriptor and give up.
-                let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
-                return Err(SandboxError::Internal(format!(
-                    "bind-mount {what}: the mount point changed under us ({:?})",
-                    other.err()
-                )));
-            }
-        };
-        // The guest-facing copy only receives: nothing mounted under it propagates back to the host's
-        // snapshot mount.
-        if let Err(e) = nix::mount::mount(
-            None::<&str>,
-            &fd_path(&fd),
-            None::<&str>,
-            MsFlags::MS_SLAVE | MsFlags::MS_REC,
-            None::<&str>,
-        ) {
-            tracing::debug!(what, error = %e, "cannot make the bind mount a slave");
-        }
+        let fd = bind_at(source, target, &self.dirs[parent], name, dir, &what)?;
         self.mounts.push(Mounted { fd, what });
         Ok(())
+    }
+
+    /// Remounts the bind just made (the last in `mounts`) read-only, itself only: mounts below it keep
+    /// their own flags, as with runc's `ro`.
+    fn make_readonly(&mut self, name: &str) -> Result<(), SandboxError> {
+        let Some(m) = self.mounts.last() else {
+            return Err(SandboxError::Internal(format!(
+                "container {}: no mount to make read-only for {name}",
+                self.cid
+            )));
+        };
+        nix::mount::mount(
+            None::<&str>,
+            &fd_path(&m.fd),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| io_err(format!("make {} read-only", m.what), e))
     }
 
     /// Unmounts and removes everything; returns what failed (also logged).
@@ -388,6 +630,11 @@ impl ContainerShare {
 
     fn undo(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
+        if let Some((volumes, held)) = self.pod_volumes.take() {
+            for key in held.iter().rev() {
+                errors.extend(volumes.release(key));
+            }
+        }
         while let Some(m) = self.mounts.pop() {
             if let Err(e) = nix::mount::umount2(&fd_path(&m.fd), MntFlags::MNT_DETACH) {
                 // EINVAL: no longer a mount (the shared dir went first, taking it along).
@@ -502,17 +749,23 @@ mod tests {
                 HostBind {
                     index: 0,
                     source: d.path().join("hosts"),
-                    dir: false
+                    dir: false,
+                    readonly: false,
+                    pod_volume: None,
                 },
                 HostBind {
                     index: 1,
                     source: d.path().join("resolv.conf"),
-                    dir: false
+                    dir: false,
+                    readonly: true,
+                    pod_volume: None,
                 },
                 HostBind {
                     index: 2,
                     source: d.path().join("volume"),
-                    dir: true
+                    dir: true,
+                    readonly: false,
+                    pod_volume: None,
                 },
             ]
         );
@@ -619,6 +872,8 @@ mod tests {
             index: 0,
             source: d.path().join("nope"),
             dir: false,
+            readonly: false,
+            pod_volume: None,
         }];
         let e = ContainerShare::create(&shared, "c2", &rootfs, &bad).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
@@ -637,5 +892,125 @@ mod tests {
         assert!(std::fs::read_dir(&shared)
             .unwrap()
             .all(|e| e.unwrap().file_name() == "c4"));
+    }
+    #[test]
+    fn readonly_binds_are_readonly_on_the_host_side_not_recursively() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: bind mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        let rootfs = d.path().join("rootfs");
+        let vol = d.path().join("vol");
+        let plain = d.path().join("plain");
+        for p in [&shared, &rootfs, &vol.join("sub"), &plain] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        std::fs::write(d.path().join("file"), "f").unwrap();
+        // A writable tmpfs below the read-only volume (Kubernetes: a volume inside a read-only hostPath).
+        nix::mount::mount(
+            Some("tmpfs"),
+            &vol.join("sub"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        let spec = json!({
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/vol", "type": "bind", "source": vol, "options": ["rbind", "ro"]},
+                {"destination": "/plain", "type": "bind", "source": plain, "options": ["rbind", "ro"]},
+                {"destination": "/file", "type": "bind", "source": d.path().join("file"), "options": ["bind", "ro"]}
+            ]
+        });
+        let s = shared_guest_spec(spec.to_string().as_bytes(), "c").unwrap();
+        let v: Value = serde_json::from_slice(&s.json).unwrap();
+        // With a mount below it, the guest's bind is writable (the host enforces the top); without, ro stays.
+        assert_eq!(v["mounts"][0]["options"], json!(["rbind"]));
+        assert_eq!(v["mounts"][1]["options"], json!(["rbind", "ro"]));
+        assert_eq!(v["mounts"][2]["options"], json!(["bind", "ro"]));
+        assert!(s.binds.iter().all(|b| b.readonly));
+
+        let share = ContainerShare::create(&shared, "c", &rootfs, &s.binds).unwrap();
+        let m = shared.join("c/mounts");
+        let erofs = |p: PathBuf| {
+            let e = std::fs::write(&p, "x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{}: {e}", p.display());
+        };
+        erofs(m.join("0/top"));
+        erofs(m.join("1/top"));
+        erofs(m.join("2"));
+        std::fs::write(m.join("0/sub/below"), "ok").unwrap();
+        assert_eq!(std::fs::read_to_string(vol.join("sub/below")).unwrap(), "ok");
+        assert!(!vol.join("top").exists() && !plain.join("top").exists());
+        assert_eq!(std::fs::read_to_string(d.path().join("file")).unwrap(), "f");
+        assert!(share.release().is_empty());
+        nix::mount::umount2(&vol.join("sub"), MntFlags::MNT_DETACH).unwrap();
+    }
+    #[test]
+    fn propagated_binds_are_shared_once_per_pod() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: bind mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        let rootfs = d.path().join("rootfs");
+        let vol = d.path().join("vol");
+        let other = d.path().join("other");
+        for p in [&shared, &rootfs, &vol, &other] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let spec = |opt: &str| {
+            json!({
+                "root": {"path": "rootfs"},
+                "mounts": [
+                    {"destination": "/v", "type": "bind", "source": vol, "options": ["rbind", opt]},
+                    {"destination": "/o", "type": "bind", "source": other, "options": ["rbind", "rprivate"]}
+                ]
+            })
+            .to_string()
+        };
+        let a = shared_guest_spec(spec("rshared").as_bytes(), "a").unwrap();
+        let b = shared_guest_spec(spec("rslave").as_bytes(), "b").unwrap();
+        let va: Value = serde_json::from_slice(&a.json).unwrap();
+        let vb: Value = serde_json::from_slice(&b.json).unwrap();
+        // The same host path: the same guest directory for both containers, outside their own dirs.
+        let key = a.binds[0].pod_volume.clone().unwrap();
+        assert_eq!(b.binds[0].pod_volume.as_deref(), Some(key.as_str()));
+        let guest = format!("{GUEST_SHARED_DIR}/{POD_VOLUMES}/{key}");
+        assert_eq!(va["mounts"][0]["source"], guest.as_str());
+        assert_eq!(vb["mounts"][0]["source"], guest.as_str());
+        assert_eq!(va["mounts"][1]["source"], "/run/capsa/shared/a/mounts/1");
+        assert_eq!(a.binds[1].pod_volume, None);
+
+        let volumes = PodVolumes::default();
+        let before = mounts_under(d.path());
+        let sa = ContainerShare::create_in_pod(&shared, "a", &rootfs, &a.binds, &volumes).unwrap();
+        let sb = ContainerShare::create_in_pod(&shared, "b", &rootfs, &b.binds, &volumes).unwrap();
+        // rootfs twice, `other` twice, `vol` once.
+        assert_eq!(mounts_under(d.path()), before + 5);
+        assert_eq!(volumes.len(), 1);
+        let host_side = shared.join(POD_VOLUMES).join(&key);
+        std::fs::write(host_side.join("f"), "x").unwrap();
+        assert!(vol.join("f").exists());
+        assert!(sa.release().is_empty());
+        assert_eq!(volumes.len(), 1, "b still binds it");
+        assert!(host_side.join("f").exists());
+        assert!(sb.release().is_empty());
+        assert!(volumes.is_empty());
+        assert!(!host_side.exists());
+        assert_eq!(mounts_under(d.path()), before);
+        // A failing pod volume (source gone) undoes the container's other mounts.
+        let gone = json!({"root": {"path": "rootfs"}, "mounts": [
+            {"destination": "/v", "type": "bind", "source": vol, "options": ["rbind", "rshared"]}]});
+        let g = shared_guest_spec(gone.to_string().as_bytes(), "g").unwrap();
+        std::fs::remove_dir_all(&vol).unwrap();
+        assert!(ContainerShare::create_in_pod(&shared, "g", &rootfs, &g.binds, &volumes).is_err());
+        assert!(volumes.is_empty());
+        assert_eq!(mounts_under(d.path()), before);
+        assert!(!shared.join("g").exists());
     }
 }

@@ -25,7 +25,9 @@ use super::config::{CapsaConfig, ContainerLimits, RootfsMode};
 use super::sandbox::{
     ContainerRequest, ContainerStats, ExitInfo, Sandbox, SandboxError, SandboxFactory,
 };
-use super::shared_fs::{shared_guest_spec, ContainerShare, GUEST_SHARED_DIR, GUEST_SHM_DIR};
+use super::shared_fs::{
+    shared_guest_spec, ContainerShare, PodVolumes, GUEST_SHARED_DIR, GUEST_SHM_DIR,
+};
 use crate::virtiofsd::SharedFsConfig;
 use crate::vm::{Disk, Vm, VmConfig};
 
@@ -275,6 +277,7 @@ impl SandboxFactory for VmFactory {
             }),
             shared_dir,
             shares: std::sync::Mutex::new(HashMap::new()),
+            pod_volumes: PodVolumes::default(),
         }))
     }
 }
@@ -290,6 +293,8 @@ pub struct VmSandbox {
     shared_dir: Option<PathBuf>,
     /// What each container has under the share; released on remove and shutdown (and when dropped).
     shares: std::sync::Mutex<HashMap<String, ContainerShare>>,
+    /// Host paths bound with mount propagation, shared once for the pod (held through `shares`).
+    pod_volumes: PodVolumes,
 }
 
 /// The storages CreateSandbox mounts in virtio-fs mode: the share, and a tmpfs for the pod's /dev/shm.
@@ -344,8 +349,10 @@ impl VmSandbox {
             req.rootfs.clone(),
             spec.binds.clone(),
         );
-        let share =
-            tokio::task::spawn_blocking(move || ContainerShare::create(&dir, &id, &rootfs, &binds))
+        let volumes = self.pod_volumes.clone();
+        let share = tokio::task::spawn_blocking(move || {
+            ContainerShare::create_in_pod(&dir, &id, &rootfs, &binds, &volumes)
+        })
                 .await
                 .map_err(|e| SandboxError::Internal(e.to_string()))??;
         let r = agent::CreateContainerRequest {

@@ -501,3 +501,106 @@ pub fn log_lines(path: &Path, stream: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// What an interactive CRI Exec (`kubectl exec -it`) saw.
+#[derive(Debug, Default, Clone)]
+pub struct TtyExec {
+    /// Everything the terminal printed (the tty echoes what was typed, with `\r\n` line ends).
+    pub output: String,
+    /// Exit code from the stream's status message (v4.channel.k8s.io).
+    pub exit_code: i32,
+}
+
+/// CRI Exec with `tty` and `stdin`, the way `kubectl exec -it` drives it: the URL containerd's streaming server
+/// answers is opened as a websocket with Kubernetes' `v4.channel.k8s.io` protocol (first byte of every message
+/// = channel: 0 stdin, 1 stdout, 3 status, 4 resize). Sends a resize to `rows`x`cols`, then `input` on stdin,
+/// and reads until the status message. Bounded by `timeout`.
+pub async fn exec_tty(
+    cri: &Cri,
+    id: &str,
+    cmd: &[&str],
+    rows: u16,
+    cols: u16,
+    input: &str,
+    timeout: Duration,
+) -> Result<TtyExec, String> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = cri
+        .rt
+        .clone()
+        .exec(cri::ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .map_err(|e| format!("Exec: {e}"))?
+        .into_inner()
+        .url;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("exec URL {url:?}: {e}"))?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().map_err(|e| format!("{e}"))?,
+    );
+    let run = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| format!("websocket to {ws_url}: {e}"))?;
+        let frame = |chan: u8, data: &[u8]| {
+            let mut v = vec![chan];
+            v.extend_from_slice(data);
+            Message::Binary(v.into())
+        };
+        let resize = format!(r#"{{"Width":{cols},"Height":{rows}}}"#);
+        ws.send(frame(4, resize.as_bytes()))
+            .await
+            .map_err(|e| format!("resize: {e}"))?;
+        ws.send(frame(0, input.as_bytes()))
+            .await
+            .map_err(|e| format!("stdin: {e}"))?;
+        let mut out = TtyExec::default();
+        let mut status = None;
+        while let Some(msg) = ws.next().await {
+            let data = match msg.map_err(|e| format!("reading the exec stream: {e}"))? {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match data.split_first() {
+                Some((1, rest)) => out.output.push_str(&String::from_utf8_lossy(rest)),
+                Some((3, rest)) if !rest.is_empty() => {
+                    status = Some(String::from_utf8_lossy(rest).into_owned())
+                }
+                _ => {}
+            }
+        }
+        let status = status.ok_or_else(|| format!("no exit status; output {:?}", out.output))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&status).map_err(|e| format!("status {status:?}: {e}"))?;
+        out.exit_code = if v["status"] == "Success" {
+            0
+        } else {
+            v["details"]["causes"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["reason"] == "ExitCode"))
+                .and_then(|c| c["message"].as_str())
+                .and_then(|m| m.parse().ok())
+                .ok_or_else(|| format!("status without an exit code: {status}"))?
+        };
+        Ok::<_, String>(out)
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| format!("tty exec did not finish within {timeout:?}"))?
+}
