@@ -356,8 +356,13 @@ mod tests {
             error_lines(nested),
             "mount: EINVAL dest=/data; failed to prepare rootfs"
         );
-        let long: String = (0..100).map(|i| format!("ERROR line {i} {}\n", "x".repeat(50))).collect();
+        let long: String = (0..100)
+            .map(|i| format!("ERROR line {i} {}\n", "x".repeat(50)))
+            .collect();
         let joined = error_lines(&long);
-        assert!(joined.len() <= 2048 + 5 && joined.ends_with("; ..."), "{joined}");
+        assert!(
+            joined.len() <= 2048 + 5 && joined.ends_with("; ..."),
+            "{joined}"
+        );
     }
 }

@@ -513,9 +513,7 @@ impl Containers {
             bundle: bundle.clone(),
             console_socket: console,
         };
-        let (pid, stdio, exit) = self
-            .spawn_process(terminal, init_exec_id, req_h)
-            .await?;
+        let (pid, stdio, exit) = self.spawn_process(terminal, init_exec_id, req_h).await?;
         let cdir = cgroup::cgroup_dir(&self.paths.cgroup_root, &cg);
         let container = Arc::new(Container {
             id: id.clone(),
@@ -681,9 +679,7 @@ impl Containers {
             process: pfile.clone(),
             console_socket: console,
         };
-        let r = self
-            .spawn_process(terminal, &req.exec_id, req_h)
-            .await;
+        let r = self.spawn_process(terminal, &req.exec_id, req_h).await;
         let _ = std::fs::remove_file(&pfile);
         let (pid, stdio, exit) = r?;
         let proc = self.track(&c, &req.exec_id, pid, stdio, exit, false);

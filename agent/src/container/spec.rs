@@ -834,12 +834,26 @@ mod tests {
         assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Ipc), Some(pod().ipc));
         assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Uts), Some(pod().uts));
         assert_eq!(ns_of(&sandbox, LinuxNamespaceType::Pid), None);
-        assert_eq!(sandbox.hostname(), &None, "the pod's hostname is set at CreateSandbox");
-        let sysctl = sandbox.linux().as_ref().and_then(|l| l.sysctl().clone()).unwrap();
-        assert_eq!(sysctl.get("fs.mqueue.msg_max").map(String::as_str), Some("100"));
+        assert_eq!(
+            sandbox.hostname(),
+            &None,
+            "the pod's hostname is set at CreateSandbox"
+        );
+        let sysctl = sandbox
+            .linux()
+            .as_ref()
+            .and_then(|l| l.sysctl().clone())
+            .unwrap();
+        assert_eq!(
+            sysctl.get("fs.mqueue.msg_max").map(String::as_str),
+            Some("100")
+        );
         // An app container is not the sandbox.
         v["annotations"] = json!({CRI_CONTAINER_TYPE: "container"});
-        assert_eq!(ns_of(&prepare(v, None).unwrap(), LinuxNamespaceType::Ipc), None);
+        assert_eq!(
+            ns_of(&prepare(v, None).unwrap(), LinuxNamespaceType::Ipc),
+            None
+        );
     }
 
     #[test]
@@ -857,7 +871,11 @@ mod tests {
             v["linux"]["rootfsPropagation"] = json!(given);
             let spec = prepare(v, None).unwrap();
             assert_eq!(
-                spec.linux().as_ref().unwrap().rootfs_propagation().as_deref(),
+                spec.linux()
+                    .as_ref()
+                    .unwrap()
+                    .rootfs_propagation()
+                    .as_deref(),
                 Some(want),
                 "{given}"
             );
@@ -873,7 +891,10 @@ mod tests {
         assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
         v["process"]["noNewPrivileges"] = json!(true);
         let spec = prepare(v, None).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), Some(true));
+        assert_eq!(
+            spec.process().as_ref().unwrap().no_new_privileges(),
+            Some(true)
+        );
         let p = parse_process(br#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": false}"#).unwrap();
         assert_eq!(p.no_new_privileges(), None);
     }

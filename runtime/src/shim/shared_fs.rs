@@ -204,7 +204,9 @@ pub fn shared_guest_spec(spec_json: &[u8], cid: &str) -> Result<SharedSpec, Sand
                     }
                     let propagated = dir && (has_option(&m, "rshared") || has_option(&m, "rslave"));
                     let pod_volume = propagated.then(|| {
-                        let key = volume_key(&src);
+                        // Read-only and writable uses of one path are two entries: the host enforces ro.
+                        let key =
+                            format!("{}{}", volume_key(&src), if readonly { "-ro" } else { "" });
                         m["source"] = format!("{GUEST_SHARED_DIR}/{POD_VOLUMES}/{key}").into();
                         key
                     });
@@ -275,16 +277,22 @@ fn bind_at(
     parent: &OwnedFd,
     name: &str,
     dir: bool,
+    readonly: bool,
     what: &str,
 ) -> Result<OwnedFd, SandboxError> {
-    nix::mount::mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| io_err(format!("bind-mount {what}"), e))?;
+    if readonly {
+        bind_readonly(source, target)
+            .map_err(|e| io_err(format!("read-only bind-mount {what}"), e))?;
+    } else {
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| io_err(format!("bind-mount {what}"), e))?;
+    }
     let mut flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
     if dir {
         flags |= OFlag::O_DIRECTORY;
@@ -313,6 +321,85 @@ fn bind_at(
         tracing::debug!(what, error = %e, "cannot make the bind mount a slave");
     }
     Ok(fd)
+}
+
+/// Binds `source` (with what is mounted below it) onto `target`, read-only at the top only, as runc's `ro`.
+///
+/// The flag is set on the detached copy before it is attached (open_tree, mount_setattr, move_mount): a
+/// remount after attaching would change the host's copy only, since mount flag changes do not propagate, and
+/// virtiofsd serves the share from its own mount namespace, a slave copy that gets the mount as attached.
+fn bind_readonly(source: &Path, target: &Path) -> nix::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    // <linux/mount.h>
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    // The target is a /proc/self/fd magic link, which mount(2) follows too.
+    const MOVE_MOUNT_T_SYMLINKS: libc::c_uint = 0x10;
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL);
+    let (src, dst) = (cstr(source)?, cstr(target)?);
+    let empty = c"";
+    // SAFETY: open_tree(2) with a NUL-terminated path and flags only; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(nix::Error::last());
+    }
+    let fd = i32::try_from(fd).map_err(|_| nix::Error::EBADF)?;
+    // SAFETY: open_tree returned this descriptor; nothing else owns it. Dropping it after the move is fine
+    // (the tree is attached by then); before, it takes the detached copy away.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) on the detached tree's descriptor (AT_EMPTY_PATH, without AT_RECURSIVE: its top
+    // mount only), with a properly sized mount_attr that lives across the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: move_mount(2) from the tree's descriptor (empty path) to a NUL-terminated target path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
+        )
+    };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
 }
 
 /// Something created under the container's directory, removed in reverse order.
@@ -370,7 +457,13 @@ impl PodVolumes {
     }
 
     /// Takes a reference on `key`, binding `source` there first when no container has it yet.
-    fn acquire(&self, shared: &OwnedFd, key: &str, source: &Path) -> Result<(), SandboxError> {
+    fn acquire(
+        &self,
+        shared: &OwnedFd,
+        key: &str,
+        source: &Path,
+        readonly: bool,
+    ) -> Result<(), SandboxError> {
         let mut inner = self.lock();
         if let Some(v) = inner.entries.get_mut(key) {
             v.refs += 1;
@@ -406,7 +499,7 @@ impl PodVolumes {
             Err(e) => return Err(io_err(format!("create {POD_VOLUMES}/{key}"), e)),
         };
         let what = format!("{} on {POD_VOLUMES}/{key}", source.display());
-        let mount = match bind_at(source, &fd_path(&target), dir, key, true, &what) {
+        let mount = match bind_at(source, &fd_path(&target), dir, key, true, readonly, &what) {
             Ok(fd) => Mounted { fd, what },
             Err(e) => {
                 let _ = nix::unistd::unlinkat(Some(dir.as_raw_fd()), key, UnlinkatFlags::RemoveDir);
@@ -537,7 +630,7 @@ impl ContainerShare {
         let top = self.make_dir(None, &cid)?;
         let root_dir = self.make_dir(Some(top), "rootfs")?;
         let target = fd_path(&self.dirs[root_dir]);
-        self.bind(rootfs, &target, top, "rootfs", true)?;
+        self.bind(rootfs, &target, top, "rootfs", true, false)?;
         if binds.is_empty() {
             return Ok(());
         }
@@ -550,7 +643,7 @@ impl ContainerShare {
                     "container share already released".into(),
                 ));
             };
-            volumes.acquire(shared, key, &b.source)?;
+            volumes.acquire(shared, key, &b.source, b.readonly)?;
             held.push(key.clone());
         }
         if binds.iter().all(|b| b.pod_volume.is_some()) {
@@ -562,10 +655,7 @@ impl ContainerShare {
             if b.dir {
                 let d = self.make_dir(Some(mounts), &name)?;
                 let target = fd_path(&self.dirs[d]);
-                self.bind(&b.source, &target, mounts, &name, true)?;
-                if b.readonly {
-                    self.make_readonly(&name)?;
-                }
+                self.bind(&b.source, &target, mounts, &name, true, b.readonly)?;
             } else {
                 let f = open_at(
                     &self.dirs[mounts],
@@ -579,10 +669,7 @@ impl ContainerShare {
                     name: name.clone(),
                     dir: false,
                 });
-                self.bind(&b.source, &fd_path(&f), mounts, &name, false)?;
-                if b.readonly {
-                    self.make_readonly(&name)?;
-                }
+                self.bind(&b.source, &fd_path(&f), mounts, &name, false, b.readonly)?;
             }
         }
         Ok(())
@@ -597,30 +684,20 @@ impl ContainerShare {
         parent: usize,
         name: &str,
         dir: bool,
+        readonly: bool,
     ) -> Result<(), SandboxError> {
         let what = format!("{} on {}/{name}", source.display(), self.cid);
-        let fd = bind_at(source, target, &self.dirs[parent], name, dir, &what)?;
+        let fd = bind_at(
+            source,
+            target,
+            &self.dirs[parent],
+            name,
+            dir,
+            readonly,
+            &what,
+        )?;
         self.mounts.push(Mounted { fd, what });
         Ok(())
-    }
-
-    /// Remounts the bind just made (the last in `mounts`) read-only, itself only: mounts below it keep
-    /// their own flags, as with runc's `ro`.
-    fn make_readonly(&mut self, name: &str) -> Result<(), SandboxError> {
-        let Some(m) = self.mounts.last() else {
-            return Err(SandboxError::Internal(format!(
-                "container {}: no mount to make read-only for {name}",
-                self.cid
-            )));
-        };
-        nix::mount::mount(
-            None::<&str>,
-            &fd_path(&m.fd),
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|e| io_err(format!("make {} read-only", m.what), e))
     }
 
     /// Unmounts and removes everything; returns what failed (also logged).
@@ -933,6 +1010,31 @@ mod tests {
         assert_eq!(v["mounts"][2]["options"], json!(["bind", "ro"]));
         assert!(s.binds.iter().all(|b| b.readonly));
 
+        // virtiofsd serves the share from a slave copy of it in a mount namespace of its own: a mirror here.
+        let mirror = d.path().join("mirror");
+        std::fs::create_dir_all(&mirror).unwrap();
+        let flags = |f| (None::<&str>, f, None::<&str>);
+        nix::mount::mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let (a, f, b) = flags(MsFlags::MS_SHARED);
+        nix::mount::mount(a, &shared, b, f, b).unwrap();
+        nix::mount::mount(
+            Some(&shared),
+            &mirror,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let (a, f, b) = flags(MsFlags::MS_SLAVE);
+        nix::mount::mount(a, &mirror, b, f, b).unwrap();
+
         let share = ContainerShare::create(&shared, "c", &rootfs, &s.binds).unwrap();
         let m = shared.join("c/mounts");
         let erofs = |p: PathBuf| {
@@ -943,11 +1045,25 @@ mod tests {
         erofs(m.join("1/top"));
         erofs(m.join("2"));
         std::fs::write(m.join("0/sub/below"), "ok").unwrap();
-        assert_eq!(std::fs::read_to_string(vol.join("sub/below")).unwrap(), "ok");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("sub/below")).unwrap(),
+            "ok"
+        );
         assert!(!vol.join("top").exists() && !plain.join("top").exists());
         assert_eq!(std::fs::read_to_string(d.path().join("file")).unwrap(), "f");
-        assert!(share.release().is_empty());
-        nix::mount::umount2(&vol.join("sub"), MntFlags::MNT_DETACH).unwrap();
+        // The same through the slave copy: the mount arrived there read-only.
+        let mm = mirror.join("c/mounts");
+        erofs(mm.join("0/top"));
+        erofs(mm.join("2"));
+        std::fs::write(mm.join("0/sub/below2"), "ok").unwrap();
+        // (virtiofsd's copy is in another mount namespace, where it does not keep the host from removing
+        // the mount points; in this one it would.)
+        nix::mount::umount2(&mirror, MntFlags::MNT_DETACH).unwrap();
+        let errors = share.release();
+        assert!(errors.is_empty(), "{errors:?}");
+        for p in [&shared, &vol.join("sub")] {
+            nix::mount::umount2(p, MntFlags::MNT_DETACH).unwrap();
+        }
     }
     #[test]
     fn propagated_binds_are_shared_once_per_pod() {

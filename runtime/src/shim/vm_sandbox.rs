@@ -353,8 +353,8 @@ impl VmSandbox {
         let share = tokio::task::spawn_blocking(move || {
             ContainerShare::create_in_pod(&dir, &id, &rootfs, &binds, &volumes)
         })
-                .await
-                .map_err(|e| SandboxError::Internal(e.to_string()))??;
+        .await
+        .map_err(|e| SandboxError::Internal(e.to_string()))??;
         let r = agent::CreateContainerRequest {
             container_id: cid.clone(),
             exec_id: cid.clone(),

@@ -9,7 +9,11 @@
 //!   exit code;
 //! - mount propagation: containers with Bidirectional and HostToContainer host paths start; a mount made on
 //!   the host under the HostToContainer path after the start, and one a container makes under its
-//!   Bidirectional path, are seen by the pod's other container.
+//!   Bidirectional path, are seen by the pod's other container;
+//! - a read-only volume is read-only, a tmpfs mounted below it on the host stays writable (ro is not
+//!   recursive), and under capsa a privileged container that mounts the pod's virtio-fs share itself still
+//!   cannot write into the read-only volume's host directory (issue 11, item 0).
+//!
 //! Gated on CAPSA_E2E=1 and containerd being installed; everything is removed at the end, on failure too.
 
 use std::collections::HashMap;
@@ -38,7 +42,7 @@ const PROBE: &str = "grep ^Seccomp: /proc/self/status; \
     touch /tmp/f; chmod 600 /tmp/f && echo chmod=allowed || echo chmod=blocked; \
     mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo mount=allowed || echo mount=blocked";
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Observed {
     default_init: Vec<String>,
     default_exec: Vec<String>,
@@ -50,6 +54,11 @@ struct Observed {
     propagation_started: bool,
     host_to_container: String,
     bidirectional: String,
+    /// Writes into a read-only volume (`top`) and into a tmpfs mounted below it on the host (`sub`).
+    readonly_volume: Vec<String>,
+    /// capsa only: a privileged container mounting the pod's virtio-fs share itself and writing into the
+    /// read-only volume's host directory through it (None under runc, which has no share).
+    share_escape: Option<Vec<String>>,
 }
 
 fn sh(cmd: &str) -> Vec<String> {
@@ -123,6 +132,14 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<Observed, String> {
     let log_dir = c.log_dir(&name);
     std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
     let mut pod_cfg = pod_config(&name, &log_dir);
+    if let Some(sc) = pod_cfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        // For capsa's share-writer (containerd allows privileged containers only in a privileged pod).
+        sc.privileged = true;
+    }
     if let Some(l) = pod_cfg.linux.as_mut() {
         l.sysctls = HashMap::from([
             ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
@@ -248,7 +265,11 @@ async fn checks(
             &bidir,
             cri::MountPropagation::PropagationHostToContainer,
         ),
-        bind("/h2c", &h2c, cri::MountPropagation::PropagationHostToContainer),
+        bind(
+            "/h2c",
+            &h2c,
+            cri::MountPropagation::PropagationHostToContainer,
+        ),
     ];
     let started = async {
         let a = cri.run_container(pod, pod_cfg, prop_a).await?;
@@ -269,12 +290,19 @@ async fn checks(
             let m = cri
                 .exec_sync(
                     &a,
-                    &["sh", "-c", "mount -t tmpfs none /bidir/sub && echo from-a > /bidir/sub/m"],
+                    &[
+                        "sh",
+                        "-c",
+                        "mount -t tmpfs none /bidir/sub && echo from-a > /bidir/sub/m",
+                    ],
                 )
                 .await
                 .map_err(|e| format!("ExecSync prop-a: {e}"))?;
             if m.exit_code != 0 {
-                eprintln!("{handler}: mount in prop-a: {}", String::from_utf8_lossy(&m.stderr));
+                eprintln!(
+                    "{handler}: mount in prop-a: {}",
+                    String::from_utf8_lossy(&m.stderr)
+                );
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             let seen = |cmd: &'static str| {
@@ -298,6 +326,70 @@ async fn checks(
             (true, h, bd)
         }
     };
+    // A read-only volume with a writable tmpfs mounted below it on the host: runc's ro is not recursive.
+    let ro = base.join("ro");
+    std::fs::create_dir_all(ro.join("sub")).map_err(|e| e.to_string())?;
+    std::fs::write(ro.join("existing"), "orig").map_err(|e| e.to_string())?;
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(ro.join("sub")))?;
+    let mut ro_vol = container_config("ro-vol", &[]);
+    ro_vol.command = sh("exec sleep 600");
+    ro_vol.mounts = vec![cri::Mount {
+        container_path: "/ro".into(),
+        host_path: ro.to_string_lossy().into_owned(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let ro_id = cri
+        .run_container(pod, pod_cfg, ro_vol)
+        .await
+        .map_err(|e| format!("container ro-vol: {e}"))?;
+    let r = cri
+        .exec_sync(
+            &ro_id,
+            &[
+                "sh",
+                "-c",
+                "touch /ro/top 2>/dev/null && echo top=writable || echo top=readonly; \
+                 touch /ro/sub/x 2>/dev/null && echo sub=writable || echo sub=readonly",
+            ],
+        )
+        .await
+        .map_err(|e| format!("ExecSync ro-vol: {e}"))?;
+    let readonly_volume = lines(&r.stdout);
+
+    // The guest kernel can mount the share by itself (a privileged container can): the host must still
+    // refuse writes into the read-only volume.
+    let share_escape = if handler == "capsa" {
+        let mut writer = container_config("share-writer", &[]);
+        writer.command = sh(&format!(
+            "mkdir -p /mnt/v && mount -t virtiofs capsa-shared /mnt/v && echo mounted; \
+             for f in /mnt/v/{ro_id}/mounts/*/existing; do \
+               [ -f $f ] && echo found=$(cat $f) || echo missing=$f; \
+               echo pwned > $f 2>/dev/null && echo write=allowed || echo write=refused; \
+               touch $(dirname $f)/PWNED 2>/dev/null && echo create=allowed || echo create=refused; \
+             done; exec sleep 600"
+        ));
+        writer.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        cri.run_container(pod, pod_cfg, writer)
+            .await
+            .map_err(|e| format!("container share-writer: {e}"))?;
+        let mut out = log_of(&log_dir.join("share-writer.log"), 4).await;
+        let host = std::fs::read_to_string(ro.join("existing")).unwrap_or_default();
+        out.push(format!("host file: {host}"));
+        out.push(format!("host PWNED: {}", ro.join("PWNED").exists()));
+        Some(out)
+    } else {
+        None
+    };
+
     Ok(Observed {
         default_init,
         default_exec: lines(&default_exec.stdout),
@@ -309,6 +401,8 @@ async fn checks(
         propagation_started,
         host_to_container,
         bidirectional,
+        readonly_volume,
+        share_escape,
     })
 }
 
@@ -338,13 +432,41 @@ fn cri_conformance_under_capsa_and_runc() {
         assert_eq!(o.default_exec, default, "{who} exec: {o:#?}");
         assert_eq!(o.localhost_init, blocked, "{who} init: {o:#?}");
         assert_eq!(o.localhost_exec, blocked, "{who} exec: {o:#?}");
-        assert!(o.tty_output_has_size, "{who}: stty size after a resize to 30x100: {o:#?}");
+        assert!(
+            o.tty_output_has_size,
+            "{who}: stty size after a resize to 30x100: {o:#?}"
+        );
         assert!(o.tty_output_has_pts, "{who}: a terminal: {o:#?}");
         assert_eq!(o.tty_exit, 5, "{who}: {o:#?}");
         assert!(o.propagation_started, "{who}: {o:#?}");
         assert_eq!(o.host_to_container, "h2c-ok", "{who}: {o:#?}");
         assert_eq!(o.bidirectional, "from-a", "{who}: {o:#?}");
+        assert_eq!(
+            o.readonly_volume,
+            ["top=readonly", "sub=writable"],
+            "{who}: {o:#?}"
+        );
     }
-    assert_eq!(capsa, runc, "runc and capsa agree");
+    assert_eq!(runc.share_escape, None);
+    assert_eq!(
+        capsa.share_escape.as_deref(),
+        Some(
+            &[
+                "mounted",
+                "found=orig",
+                "write=refused",
+                "create=refused",
+                "host file: orig",
+                "host PWNED: false"
+            ]
+            .map(String::from)[..]
+        ),
+        "the host refuses writes to a read-only volume through the share"
+    );
+    let common = |o: &Observed| Observed {
+        share_escape: None,
+        ..o.clone()
+    };
+    assert_eq!(common(&capsa), common(&runc), "runc and capsa agree");
     drop(c);
 }
