@@ -11,8 +11,8 @@
 //!   the host under the HostToContainer path after the start, and one a container makes under its
 //!   Bidirectional path, are seen by the pod's other container;
 //! - a read-only volume is read-only, a tmpfs mounted below it on the host stays writable (ro is not
-//!   recursive), and under capsa a privileged container that mounts the pod's virtio-fs share itself still
-//!   cannot write into the read-only volume's host directory (issue 11, item 0).
+//!   recursive), and under capsa a privileged container that remounts its read-only volume read-write still
+//!   cannot write the host's files (the host side of the share is read-only; issue 11, item 0).
 //!
 //! Gated on CAPSA_E2E=1 and containerd being installed; everything is removed at the end, on failure too.
 
@@ -56,8 +56,8 @@ struct Observed {
     bidirectional: String,
     /// Writes into a read-only volume (`top`) and into a tmpfs mounted below it on the host (`sub`).
     readonly_volume: Vec<String>,
-    /// capsa only: a privileged container mounting the pod's virtio-fs share itself and writing into the
-    /// read-only volume's host directory through it (None under runc, which has no share).
+    /// capsa only: a privileged container remounting its read-only volume read-write and writing into it
+    /// (None under runc, where this writes the host's files).
     share_escape: Option<Vec<String>>,
 }
 
@@ -359,18 +359,26 @@ async fn checks(
         .map_err(|e| format!("ExecSync ro-vol: {e}"))?;
     let readonly_volume = lines(&r.stdout);
 
-    // The guest kernel can mount the share by itself (a privileged container can): the host must still
-    // refuse writes into the read-only volume.
+    // The guest kernel can write wherever the guest's mount flags let it: a privileged container remounts its
+    // read-only volume read-write; the host must still refuse the writes (capsa only: under runc the same
+    // remount writes the host's files).
     let share_escape = if handler == "capsa" {
-        let mut writer = container_config("share-writer", &[]);
-        writer.command = sh(&format!(
-            "mkdir -p /mnt/v && mount -t virtiofs capsa-shared /mnt/v && echo mounted; \
-             for f in /mnt/v/{ro_id}/mounts/*/existing; do \
-               [ -f $f ] && echo found=$(cat $f) || echo missing=$f; \
-               echo pwned > $f 2>/dev/null && echo write=allowed || echo write=refused; \
-               touch $(dirname $f)/PWNED 2>/dev/null && echo create=allowed || echo create=refused; \
-             done; exec sleep 600"
-        ));
+        let ro2 = base.join("ro2");
+        std::fs::create_dir_all(&ro2).map_err(|e| e.to_string())?;
+        std::fs::write(ro2.join("existing"), "orig").map_err(|e| e.to_string())?;
+        let mut writer = container_config("ro-remount", &[]);
+        writer.command = sh(
+            "mount -o remount,bind,rw /ro2 && echo remounted || echo remount-refused; \
+             echo pwned > /ro2/existing 2>/dev/null && echo write=allowed || echo write=refused; \
+             touch /ro2/PWNED 2>/dev/null && echo create=allowed || echo create=refused; \
+             exec sleep 600",
+        );
+        writer.mounts = vec![cri::Mount {
+            container_path: "/ro2".into(),
+            host_path: ro2.to_string_lossy().into_owned(),
+            readonly: true,
+            ..Default::default()
+        }];
         writer.linux = Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
                 privileged: true,
@@ -380,11 +388,11 @@ async fn checks(
         });
         cri.run_container(pod, pod_cfg, writer)
             .await
-            .map_err(|e| format!("container share-writer: {e}"))?;
-        let mut out = log_of(&log_dir.join("share-writer.log"), 4).await;
-        let host = std::fs::read_to_string(ro.join("existing")).unwrap_or_default();
+            .map_err(|e| format!("container ro-remount: {e}"))?;
+        let mut out = log_of(&log_dir.join("ro-remount.log"), 3).await;
+        let host = std::fs::read_to_string(ro2.join("existing")).unwrap_or_default();
         out.push(format!("host file: {host}"));
-        out.push(format!("host PWNED: {}", ro.join("PWNED").exists()));
+        out.push(format!("host PWNED: {}", ro2.join("PWNED").exists()));
         Some(out)
     } else {
         None
@@ -452,8 +460,7 @@ fn cri_conformance_under_capsa_and_runc() {
         capsa.share_escape.as_deref(),
         Some(
             &[
-                "mounted",
-                "found=orig",
+                "remounted",
                 "write=refused",
                 "create=refused",
                 "host file: orig",
@@ -461,7 +468,7 @@ fn cri_conformance_under_capsa_and_runc() {
             ]
             .map(String::from)[..]
         ),
-        "the host refuses writes to a read-only volume through the share"
+        "the host refuses writes to a read-only volume that the guest remounted read-write"
     );
     let common = |o: &Observed| Observed {
         share_escape: None,
