@@ -234,6 +234,9 @@ impl Storages {
     }
 }
 
+/// Where sources of binds with mount propagation may be (the host's share, `/run/capsa/shared`, is below).
+pub const PROPAGATED_SOURCES: &str = "/run/capsa";
+
 /// Whether `dir` is a mount point in the agent's mount namespace.
 fn is_mount_point(dir: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -253,6 +256,14 @@ pub fn ensure_shared_mount(dir: &Path) -> Result<(), StorageError> {
     };
     // Resolving the path mounts an announced virtio-fs submount there, if it is one.
     let dir = dir.canonicalize().map_err(|e| err("resolving it", &e))?;
+    // The host puts these sources in the sandbox's share: nothing else of the guest's mount table (its root
+    // above all) is changed for a spec, however it names its sources.
+    if !dir.starts_with(PROPAGATED_SOURCES) || dir == Path::new(PROPAGATED_SOURCES) {
+        return Err(err(
+            "refused",
+            &format!("a source with mount propagation must be below {PROPAGATED_SOURCES}"),
+        ));
+    }
     if !is_mount_point(&dir) {
         nix::mount::mount(
             Some(&dir),
@@ -355,5 +366,13 @@ mod tests {
         let mut s = local(&d.path().join("x"));
         s.driver = StorageDriver::STORAGE_DRIVER_UNSPECIFIED.into();
         assert!(matches!(st.acquire(&s), Err(StorageError::Driver(_))));
+    }
+    #[test]
+    fn propagation_sources_outside_run_capsa_are_refused() {
+        // Refused before anything is mounted, root or not.
+        for bad in ["/", "/tmp", "/run/../etc"] {
+            let e = ensure_shared_mount(Path::new(bad)).unwrap_err().to_string();
+            assert!(e.contains("must be below /run/capsa"), "{bad}: {e}");
+        }
     }
 }
