@@ -219,7 +219,7 @@ pub async fn discover_interfaces(
         .execute()
         .try_collect()
         .await
-        .map_err(nl_err("RTM_GETLINK dump", "*"))?;
+        .map_err(nl_err("RTM_GETLINK dump", "all interfaces"))?;
     let mut interfaces: Vec<PodInterface> = links
         .iter()
         .filter_map(|l| {
@@ -244,7 +244,7 @@ pub async fn discover_interfaces(
         .execute()
         .try_collect()
         .await
-        .map_err(nl_err("RTM_GETADDR dump", "*"))?;
+        .map_err(nl_err("RTM_GETADDR dump", "all interfaces"))?;
     for msg in addresses {
         let Some(iface) = interfaces.iter_mut().find(|i| i.index == msg.header.index) else {
             continue;
@@ -282,7 +282,7 @@ pub async fn discover_interfaces(
             .execute()
             .try_collect()
             .await
-            .map_err(nl_err(what, "*"))?;
+            .map_err(nl_err(what, "all interfaces"))?;
         for msg in routes {
             add_route(&mut interfaces, &msg);
         }
@@ -294,7 +294,7 @@ pub async fn discover_interfaces(
         .execute()
         .try_collect()
         .await
-        .map_err(nl_err("RTM_GETNEIGH dump", "*"))?;
+        .map_err(nl_err("RTM_GETNEIGH dump", "all interfaces"))?;
     for msg in neighbours {
         let Some(iface) = interfaces
             .iter_mut()

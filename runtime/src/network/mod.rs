@@ -275,7 +275,7 @@ pub async fn cleanup_netns(netns: &Path) -> Result<CleanupReport, NetworkError> 
             .await
             .map_err(|source| NetworkError::Netlink {
                 request: "RTM_GETLINK dump",
-                interface: "*".into(),
+                interface: "all interfaces".into(),
                 source,
             })?;
         for link in links {
