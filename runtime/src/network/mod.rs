@@ -17,12 +17,15 @@
 //!
 //! Entry points: [`PodNetwork::setup`] (discover + taps + tc, undone on failure),
 //! [`PodNetwork::teardown`], [`cleanup_netns`] for a shim that lost its state, [`discover`] and
-//! [`run_in_netns`]. All netlink work runs on a dedicated thread that entered the namespace (see
-//! [`netns`]); the caller's threads never change namespace. This layer is pod-generic: the containerd
+//! [`run_in_netns`]; [`sandbox`] strings them together around a sandbox VM (spec → taps → VMM
+//! devices → guest configuration → teardown) for the shim and other front ends. All netlink work
+//! runs on a dedicated thread that entered the namespace (see [`netns`]); the caller's threads never
+//! change namespace. This layer is pod-generic: the containerd
 //! shim and a CRI server both call it.
 
 pub mod discover;
 pub mod netns;
+pub mod sandbox;
 pub mod tap;
 pub mod tc;
 
@@ -40,6 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use discover::{format_mac, IpPrefix, PodInterface, PodNeighbour, PodRoute};
 pub use netns::{open_netns, run_in_netns, NetlinkHandle};
+pub use sandbox::{netns_path, GuestNetworkError, SandboxNetwork};
 pub use tap::{is_capsa_tap, tap_name, VNET_HDR_LEN};
 
 /// What went wrong setting up or tearing down a pod's network; every variant names the namespace,

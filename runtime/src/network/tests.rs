@@ -686,3 +686,83 @@ async fn a_dropped_setup_is_undone() {
     let mut net = PodNetwork::setup(&fx.path()).await.expect("setup");
     net.teardown().await.expect("teardown");
 }
+
+/// The sandbox wiring end to end up to the VMM's exec: a [`sandbox::SandboxNetwork`] on the
+/// fixture's namespace gives [`crate::vm::Vm::start`] a `--net fd=N,mac=<veth MAC>,mtu=<veth MTU>`
+/// device; the spawned "VMM" (a script recording its fds) holds exactly that tap fd at N and no
+/// other tap; once the VM is gone and the config dropped, the tap is gone, and teardown removes
+/// the veth's qdisc.
+#[tokio::test]
+async fn sandbox_network_hands_the_tap_to_the_vmm() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fx) = Fixture::new() else { return };
+    let spec = serde_json::json!({"linux": {"namespaces": [
+        {"type": "network", "path": fx.path().to_string_lossy()}
+    ]}});
+    let mut net = sandbox::SandboxNetwork::from_spec(&spec)
+        .await
+        .unwrap()
+        .expect("the spec names a netns");
+    assert_eq!(fx.capsa_taps(), ["tap0_capsa"]);
+    let devices = net.take_vmm_devices();
+    assert_eq!(devices.len(), 1);
+    assert!(
+        net.take_vmm_devices().is_empty(),
+        "the fds are handed out once"
+    );
+    let fd = devices[0].tap.as_raw_fd();
+    assert_eq!(
+        devices[0].vmm_arg(),
+        format!("fd={fd},mac=0a:58:0a:c8:00:02,mtu=1400")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = dir.path().join("fake-vmm");
+    let out = dir.path().join("fds");
+    std::fs::write(
+        &vmm,
+        format!(
+            "#!/bin/sh\necho \"$*\" > {o}.args\nfor f in /proc/$$/fd/*; do echo \"${{f##*/}} $(readlink $f)\"; done > {o}\nexit 3\n",
+            o = out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+    let mut config = crate::vm::VmConfig::new(vmm.clone(), dir.path().join("k"), None);
+    config.run_root = dir.path().join("run");
+    config.net = devices;
+    let err = crate::vm::Vm::start(&config, "netsb").await.unwrap_err();
+    assert!(matches!(err, crate::vm::VmError::VmmExited { .. }), "{err}");
+    let args = std::fs::read_to_string(format!("{}.args", out.display())).unwrap();
+    assert!(
+        args.contains(&format!("--net fd={fd},mac=0a:58:0a:c8:00:02,mtu=1400")),
+        "{args}"
+    );
+    let fds = std::fs::read_to_string(&out).unwrap();
+    let taps: Vec<&str> = fds
+        .lines()
+        .filter(|l| l.ends_with("/dev/net/tun"))
+        .collect();
+    assert_eq!(taps, [format!("{fd} /dev/net/tun")], "{fds}");
+    // Nothing else of this process leaks into the VMM (its netlink sockets, tokio's epoll and
+    // eventfds are close-on-exec); pipes and files may come from the test harness or the shell.
+    for line in fds.lines() {
+        let (_, target) = line.split_once(' ').unwrap();
+        assert!(
+            !target.starts_with("socket:") && !target.starts_with("anon_inode:"),
+            "the VMM inherited an unexpected fd: {line}\n{fds}"
+        );
+    }
+    // The shim's copy goes with the config: the tap goes with the (dead) VMM.
+    drop(config);
+    assert!(fx.capsa_taps().is_empty(), "{:?}", fx.links());
+    assert_eq!(
+        fx.ingress_qdiscs(),
+        1,
+        "the veth's qdisc stays until teardown"
+    );
+    net.teardown().await.unwrap();
+    assert_eq!(fx.ingress_qdiscs(), 0);
+    net.teardown().await.unwrap();
+}
