@@ -1,10 +1,12 @@
 //! What `containerd-shim-capsa-v2 delete` does when the shim is gone: remove everything the container
-//! and, if its shim died, its sandbox VM left on the host.
+//! and, if its shim died, its sandbox VM left on the host (VMM, sandbox directory, and the taps and tc
+//! redirects in the pod's network namespace, so that containerd's CNI DEL finds the veth as CNI left it).
 
 use std::path::{Path, PathBuf};
 
 use super::bootstrap::{grouping, read_annotations, shim_address, socket_in_use};
 use super::vm_sandbox::ROOTFS_IMAGE;
+use crate::network::sandbox::netns_path_from_json;
 
 /// Pids of `capsa-vmm` processes whose command line names `needle` (the sandbox's vsock socket).
 pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
@@ -33,6 +35,38 @@ pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// The pod network namespace the sandbox whose VM container `id` booted was plumbed into: the
+/// `config.json` network namespace path of the sandbox container itself (`id` == `group`: CRI's
+/// sandbox container, or a lone `ctr run` container). Other containers of a pod name
+/// `/proc/<pid>/ns/net` of the shim's task pid, which is not the pod's namespace.
+pub fn sandbox_netns(id: &str, group: &str, bundle: &Path) -> Option<PathBuf> {
+    if id != group {
+        return None;
+    }
+    netns_path_from_json(&std::fs::read(bundle.join("config.json")).ok()?)
+}
+
+/// Removes capsa's taps and ingress redirects from the namespace at `netns` (a missing namespace is
+/// fine); returns what happened, for the log.
+pub fn cleanup_pod_network(netns: &Path) -> String {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return format!("pod network {}: no runtime: {e}", netns.display()),
+    };
+    match rt.block_on(crate::network::cleanup_netns(netns)) {
+        Ok(r) => format!(
+            "pod network {}: removed taps {:?}, ingress qdiscs {:?}",
+            netns.display(),
+            r.taps_deleted,
+            r.qdiscs_deleted
+        ),
+        Err(e) => format!("pod network {}: {e}", netns.display()),
+    }
 }
 
 /// Cleans up after container `id` of `bundle`; returns what it did, for the log.
@@ -68,6 +102,9 @@ pub fn cleanup(
                 nix::sys::signal::Signal::SIGKILL,
             );
             done.push(format!("killed orphaned VMM {pid}"));
+        }
+        if let Some(netns) = sandbox_netns(id, &group, bundle) {
+            done.push(cleanup_pod_network(&netns));
         }
         if sandbox_dir.exists() {
             // Containers' rootfs and bind mounts under the share (virtio-fs mode) come off first:
@@ -112,6 +149,25 @@ mod tests {
         assert!(!bundle.join(ROOTFS_IMAGE).exists(), "{done:?}");
         assert!(!state.join("podx").exists(), "{done:?}");
         assert!(state.exists(), "only the sandbox's own directory goes");
+    }
+
+    #[test]
+    fn only_the_sandbox_containers_netns_is_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"linux":{"namespaces":[{"type":"network","path":"/var/run/netns/cni-x"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sandbox_netns("pod", "pod", dir.path()),
+            Some(PathBuf::from("/var/run/netns/cni-x"))
+        );
+        assert_eq!(sandbox_netns("app", "pod", dir.path()), None);
+        assert_eq!(sandbox_netns("pod", "pod", &dir.path().join("no")), None);
+        // A namespace that is already gone (containerd removed it) is nothing to do.
+        let msg = cleanup_pod_network(Path::new("/nonexistent/capsa-netns"));
+        assert!(msg.contains("removed taps []"), "{msg}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use super::sandbox::{
     ContainerRequest, ContainerStats, ExitInfo, Sandbox, SandboxError, SandboxFactory,
 };
 use super::shared_fs::{shared_guest_spec, ContainerShare, GUEST_SHARED_DIR, GUEST_SHM_DIR};
+use crate::network::{GuestNetworkError, NetworkError, SandboxNetwork};
 use crate::virtiofsd::SharedFsConfig;
 use crate::vm::{Disk, Vm, VmConfig};
 
@@ -64,6 +65,28 @@ fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
         }
         // The connection broke: the VM is gone.
         other => SandboxError::VmGone(format!("{what}: {other}")),
+    }
+}
+
+/// A pod network that cannot be set up: a namespace that is missing or not one is the caller's
+/// mistake, the rest is ours.
+fn network_error(e: NetworkError) -> SandboxError {
+    let msg = format!("pod network: {e}");
+    if e.is_netns_gone() {
+        SandboxError::InvalidArgument(msg)
+    } else {
+        SandboxError::Internal(msg)
+    }
+}
+
+fn guest_network_error(e: GuestNetworkError) -> SandboxError {
+    map_err(&format!("pod network: {} {}", e.request, e.what), e.source)
+}
+
+/// Tears the pod network down, logging (not returning) a failure: used on error paths.
+async fn undo_network(network: Option<SandboxNetwork>) {
+    if let Some(mut n) = network {
+        let _ = n.teardown().await;
     }
 }
 
@@ -210,17 +233,37 @@ impl SandboxFactory for VmFactory {
                 .extra_cmdline
                 .extend(super::debug_console::DEBUG_CMDLINE.map(String::from));
         }
+        // The pod's network namespace (CRI's, with the CNI veth): taps joined to its interfaces
+        // become the VM's NICs. No namespace path (host network, `ctr run`): loopback only.
+        let mut network = match SandboxNetwork::from_spec(&spec).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&image);
+                return Err(network_error(e));
+            }
+        };
+        if let Some(n) = network.as_mut() {
+            vm_config.net = n.take_vmm_devices();
+        }
         tracing::info!(
             sandbox = sandbox_id,
             vcpus = size.vcpus,
             memory_mib = size.memory_mib,
             rootfs_mode = ?mode,
+            netns = ?network.as_ref().map(|n| n.netns().display().to_string()),
             "booting sandbox VM"
         );
-        let vm = Vm::start(&vm_config, sandbox_id).await.map_err(|e| {
-            let _ = std::fs::remove_file(&image);
-            SandboxError::Internal(format!("boot sandbox VM: {e}"))
-        })?;
+        let started = Vm::start(&vm_config, sandbox_id).await;
+        // The VMM has its own copies of the tap fds: ours go, so the taps live as long as it does.
+        vm_config.net.clear();
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo_network(network).await;
+                let _ = std::fs::remove_file(&image);
+                return Err(SandboxError::Internal(format!("boot sandbox VM: {e}")));
+            }
+        };
         if h.debug_console {
             // Ends by itself when the sandbox directory (and the console log in it) goes with the VM.
             super::debug_console::follow(sandbox_id.to_owned(), vm.paths().console_log.clone());
@@ -258,8 +301,16 @@ impl SandboxFactory for VmFactory {
             }
             Err(e) => Err(map_err("CreateSandbox", e)),
         };
+        let created = match (created, &network) {
+            (Ok(()), Some(n)) => n
+                .configure_guest(&client, CALL_TIMEOUT)
+                .await
+                .map_err(guest_network_error),
+            (r, _) => r,
+        };
         if let Err(e) = created {
             let _ = vm.stop().await;
+            undo_network(network).await;
             let _ = std::fs::remove_file(&image);
             return Err(e);
         }
@@ -275,6 +326,7 @@ impl SandboxFactory for VmFactory {
             }),
             shared_dir,
             shares: std::sync::Mutex::new(HashMap::new()),
+            network: tokio::sync::Mutex::new(network),
         }))
     }
 }
@@ -290,6 +342,8 @@ pub struct VmSandbox {
     shared_dir: Option<PathBuf>,
     /// What each container has under the share; released on remove and shutdown (and when dropped).
     shares: std::sync::Mutex<HashMap<String, ContainerShare>>,
+    /// The pod network (taps and tc redirects in the pod's netns), torn down after the VM stops.
+    network: tokio::sync::Mutex<Option<SandboxNetwork>>,
 }
 
 /// The storages CreateSandbox mounts in virtio-fs mode: the share, and a tmpfs for the pod's /dev/shm.
@@ -710,6 +764,8 @@ impl Sandbox for VmSandbox {
                 .map_err(|e| SandboxError::Internal(format!("stop VM: {e}"))),
             None => Ok(()),
         };
+        // After the VM: its taps are gone with the VMM; the veths' qdiscs go now.
+        undo_network(self.network.lock().await.take()).await;
         let images = std::mem::take(&mut *self.images.lock().unwrap_or_else(|p| p.into_inner()));
         for img in images {
             let _ = std::fs::remove_file(img);
