@@ -766,3 +766,26 @@ async fn sandbox_network_hands_the_tap_to_the_vmm() {
     assert_eq!(fx.ingress_qdiscs(), 0);
     net.teardown().await.unwrap();
 }
+
+/// A shim that died with its VMM still holding the tap: the dead-shim `delete` path
+/// ([`crate::shim::cleanup::cleanup_pod_network`]) deletes the tap and the veth's qdisc, so CNI DEL
+/// finds the veth as CNI left it.
+#[tokio::test]
+async fn dead_shim_cleanup_removes_the_plumbing() {
+    let Some(fx) = Fixture::new() else { return };
+    let mut net = sandbox::SandboxNetwork::setup(&fx.path()).await.unwrap();
+    // What an orphaned VMM holds.
+    let orphan_fds = net.take_vmm_devices();
+    assert_eq!(fx.capsa_taps(), ["tap0_capsa"]);
+    assert_eq!(fx.ingress_qdiscs(), 2);
+    // The shim's state is lost (no teardown); delete runs on its own thread without a runtime.
+    std::mem::forget(net);
+    let path = fx.path();
+    let msg = tokio::task::spawn_blocking(move || crate::shim::cleanup::cleanup_pod_network(&path))
+        .await
+        .unwrap();
+    assert!(msg.contains("tap0_capsa") && msg.contains("eth0"), "{msg}");
+    assert!(fx.capsa_taps().is_empty(), "{:?}", fx.links());
+    assert_eq!(fx.ingress_qdiscs(), 0);
+    drop(orphan_fds);
+}
