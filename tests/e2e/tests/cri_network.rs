@@ -9,6 +9,8 @@
 //! - a hostPort (portmap) reaches a capsa pod's server from the host;
 //! - RemovePodSandbox leaves no netns, no VMM, no tap, no IP allocation behind (counted before/after),
 //!   and the shim logged its teardown of each capsa pod's netns;
+//! - a capsa pod whose VMM is SIGKILLed loses its tap at once, and one whose shim is SIGKILLed is
+//!   cleaned up by the shim's `delete`: RemovePodSandbox leaves nothing behind either way;
 //! - a capsa container (`ctr run`) whose spec names a network namespace that does not exist fails,
 //!   naming the path, and leaves nothing behind.
 //!
@@ -469,6 +471,68 @@ async fn remove_and_check(c: &CriContainerd, cri: &Cri, pod: &Pod) -> Result<Str
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    Vmm,
+    Shim,
+}
+
+/// Pids of processes whose command line's first word ends with `program` and that mention `needle`.
+fn pids_of(program: &str, needle: &str) -> Vec<i32> {
+    pids_mentioning(needle)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .next()
+                        .is_some_and(|a| a.ends_with(program.as_bytes()))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// SIGKILLs the pod's VMM or shim, checks what that leaves in the netns, then removes the pod and
+/// checks nothing is left.
+async fn crash_and_remove(
+    c: &CriContainerd,
+    cri: &Cri,
+    pod: &Pod,
+    crash: Crash,
+) -> Result<String, String> {
+    let vsock = c.capsa_state.join(&pod.id).join("vsock.sock");
+    let vmms = pids_of("capsa-vmm", &vsock.to_string_lossy());
+    let victims = match crash {
+        Crash::Vmm => vmms.clone(),
+        Crash::Shim => pids_of("containerd-shim-capsa-v2", &pod.id),
+    };
+    if victims.is_empty() {
+        return Err(format!(
+            "no {crash:?} process found for {} (VMMs {vmms:?})",
+            pod.name
+        ));
+    }
+    for pid in &victims {
+        // SAFETY: plain kill(2) of a process this test's containerd started.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut detail = format!("killed {crash:?} {victims:?}");
+    if let (Crash::Vmm, Some(ns)) = (crash, &pod.netns) {
+        // The VMM held the only fd on the tap: it went with it.
+        let links = sh(&format!("nsenter --net={} ip -o link show", ns.display()))?;
+        if links.contains("tap0_capsa") {
+            return Err(format!("tap0_capsa outlived the VMM: {links}"));
+        }
+        detail.push_str("; tap gone with the VMM");
+    }
+    let removed = tokio::time::timeout(Duration::from_secs(120), remove_and_check(c, cri, pod))
+        .await
+        .map_err(|_| "Stop/RemovePodSandbox took over 120 s".to_string())??;
+    Ok(format!("{detail}; {removed}"))
+}
+
 /// `ctr run` of a capsa container whose spec joins a network namespace that does not exist.
 fn missing_netns(c: &CriContainerd) -> Result<String, String> {
     let before = host_counts(c);
@@ -568,10 +632,31 @@ async fn suite(c: &CriContainerd, report: &mut Report, pods: &mut Vec<(String, &
         pods.retain(|(id, _)| *id != p.id);
         report.record(&format!("remove-{}", p.name), r);
     }
+    // Failure paths: a pod whose VMM dies, a pod whose shim dies (containerd then runs the shim's
+    // `delete`, which cleans the netns from the bundle's config.json).
+    for (name, crash) in [("net-c", Crash::Vmm), ("net-d", Crash::Shim)] {
+        let pod = match start_pod(c, &cri, name, "capsa", false, pods).await {
+            Ok(p) => p,
+            Err(e) => {
+                report.record(&format!("start-{name}"), Err(e));
+                continue;
+            }
+        };
+        report.record(
+            &format!("{crash:?}-killed-{name}"),
+            crash_and_remove(c, &cri, &pod, crash).await,
+        );
+        pods.retain(|(id, _)| *id != pod.id);
+        started.push(pod);
+    }
     // The shim's log (in containerd's) says when each capsa pod's plumbing went: with the netns
     // still there (before CNI DEL) or after containerd had removed it.
     let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
-    for p in started.iter().filter(|p| p.handler == "capsa") {
+    // (net-d's shim was killed: its `delete` prints nothing but the DeleteResponse.)
+    for p in started
+        .iter()
+        .filter(|p| p.handler == "capsa" && p.name != "net-d")
+    {
         let ns = p
             .netns
             .as_ref()
@@ -650,5 +735,5 @@ fn cri_pod_network() {
         failures.len(),
         failures.join("\n")
     );
-    assert!(report.results.len() >= 18, "not every check ran");
+    assert!(report.results.len() >= 21, "not every check ran");
 }
