@@ -829,6 +829,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_missing_netns_fails_the_boot_and_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A VMM that would leave a marker if it were ever started.
+        let vmm = dir.path().join("fake-vmm");
+        let marker = dir.path().join("vmm-ran");
+        std::fs::write(
+            &vmm,
+            format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let mut config = CapsaConfig::default();
+        config.hypervisor.path = vmm;
+        config.hypervisor.kernel = dir.path().join("k");
+        config.hypervisor.initrd = None;
+        // virtio-fs mode with a virtiofsd that is never started (it would be, by Vm::start).
+        std::fs::write(dir.path().join("virtiofsd"), b"").unwrap();
+        config.hypervisor.virtiofsd = Some(dir.path().join("virtiofsd"));
+        config.hypervisor.rootfs_mode = Some(RootfsMode::VirtioFs);
+        config.runtime.state_dir = dir.path().join("state");
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        let spec = serde_json::json!({"linux": {"namespaces": [
+            {"type": "network", "path": "/nonexistent/capsa-netns"}
+        ]}});
+        let req = ContainerRequest {
+            container_id: "sb".into(),
+            spec_json: spec.to_string().into_bytes(),
+            rootfs: bundle.join("rootfs"),
+            bundle: bundle.clone(),
+        };
+        let factory = VmFactory { config };
+        let err = match factory.boot("sb", &req).await {
+            Ok(_) => panic!("booted with a missing netns"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(&err, SandboxError::InvalidArgument(m) if m.contains("/nonexistent/capsa-netns")),
+            "{err:?}"
+        );
+        assert!(!marker.exists(), "the VMM was started");
+        assert!(
+            !bundle.join(ROOTFS_IMAGE).exists(),
+            "the rootfs image is left"
+        );
+        assert!(!dir.path().join("state/sb").exists());
+    }
+
+    #[tokio::test]
     async fn rootfs_image_holds_the_tree() {
         if std::process::Command::new("mkfs.ext4")
             .arg("-V")
