@@ -5,6 +5,7 @@
 //! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
 //! - [`virtiofsd`]: the virtio-fs backend of a sandbox's shared directory.
 //! - [`check`]: host capability checks.
+//! - [`network`]: a pod network namespace joined to tap devices for the VMM (tc redirects, as Kata).
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
 //! - [`run`]: `capsa run`, one container in a fresh microVM; [`oci_image`] unpacks image archives for it.
 
@@ -12,6 +13,7 @@ pub mod agent_client;
 pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
+pub mod network;
 pub mod oci_image;
 pub mod run;
 pub mod shim;

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,42 @@ pub struct Disk {
     pub readonly: bool,
 }
 
+/// A virtio-net device backed by an open tap the VMM inherits (`--net fd=N,...`).
+///
+/// The fd must be a tap opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (as
+/// [`crate::network::PodNetwork`] makes them) and should be close-on-exec: [`Vm::start`] lets exactly
+/// these fds through to the VMM, at the same numbers, and no other child inherits them. It is shared
+/// (`Arc`) so [`VmConfig`] stays `Clone`; drop every copy once the VM started, so that the tap goes
+/// away with the VMM.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap: Arc<OwnedFd>,
+    /// The guest NIC's MAC (the pod veth's, so the agent finds the NIC by it); `None` = the VMM picks.
+    pub mac: Option<[u8; 6]>,
+    /// Offered to the guest with VIRTIO_NET_F_MTU; `None` = not offered.
+    pub mtu: Option<u32>,
+}
+
+impl NetDevice {
+    /// The value of the VMM's `--net` flag for this device: `fd=N[,mac=..][,mtu=N]`.
+    pub fn vmm_arg(&self) -> String {
+        net_arg(self.tap.as_raw_fd(), self.mac, self.mtu)
+    }
+}
+
+/// `fd=N[,mac=aa:bb:cc:dd:ee:ff][,mtu=N]`.
+pub fn net_arg(fd: RawFd, mac: Option<[u8; 6]>, mtu: Option<u32>) -> String {
+    let mut s = format!("fd={fd}");
+    if let Some(mac) = mac {
+        s.push_str(",mac=");
+        s.push_str(&crate::network::format_mac(&mac));
+    }
+    if let Some(mtu) = mtu {
+        s.push_str(&format!(",mtu={mtu}"));
+    }
+    s
+}
+
 /// What to boot and how.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -58,6 +95,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Share `<sandbox dir>/shared` with the guest over virtio-fs (virtiofsd); `None` = no shared dir.
     pub shared_fs: Option<SharedFsConfig>,
+    /// virtio-net devices over inherited tap fds (eth0, eth1, ... in this order in the guest).
+    pub net: Vec<NetDevice>,
     /// Parent of the per-sandbox directories.
     pub run_root: PathBuf,
     /// How long the agent has to answer its first Check.
@@ -79,6 +118,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: true,
             shared_fs: None,
+            net: Vec::new(),
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             boot_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -138,7 +178,29 @@ impl VmConfig {
             v.push(&paths.fs_socket);
             args.push(v);
         }
+        for n in &self.net {
+            args.push("--net".into());
+            args.push(n.vmm_arg().into());
+        }
         args
+    }
+
+    /// The fds the VMM must inherit (those of [`Self::net`]), checked to be >= 3 (0-2 are its stdio).
+    fn inherited_fds(&self) -> Result<Vec<RawFd>, VmError> {
+        self.net
+            .iter()
+            .map(|n| n.tap.as_raw_fd())
+            .map(|fd| {
+                if fd < 3 {
+                    Err(VmError::NetFd {
+                        fd,
+                        reason: "fds 0-2 are the VMM's stdio",
+                    })
+                } else {
+                    Ok(fd)
+                }
+            })
+            .collect()
     }
 }
 
@@ -242,6 +304,8 @@ pub enum VmError {
         stderr_tail: String,
         console_tail: String,
     },
+    #[error("net device fd {fd}: {reason}")]
+    NetFd { fd: RawFd, reason: &'static str },
     #[error("shared directory: {0}")]
     SharedFs(#[from] VirtiofsdError),
     #[error("waiting for the VMM failed: {0}")]
@@ -404,6 +468,7 @@ impl Vm {
                 });
             }
         }
+        let inherit = config.inherited_fds()?;
         let paths = SandboxPaths::new(&config.run_root, sandbox_id);
         let len = paths.vsock.as_os_str().len();
         if len + SOCKET_SUFFIX_ROOM > MAX_SOCKET_PATH {
@@ -471,20 +536,35 @@ impl Vm {
         let args = config.vmm_args(&paths);
         tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), ?args, "starting VM");
         let spawned_at = Instant::now();
-        let mut child = Command::new(&config.vmm_binary)
-            .args(&args)
+        let mut cmd = Command::new(&config.vmm_binary);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| {
-                ready_task.abort();
-                VmError::Spawn {
-                    binary: config.vmm_binary.clone(),
-                    source,
-                }
-            })?;
+            .kill_on_drop(true);
+        if !inherit.is_empty() {
+            // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2), which is
+            // async-signal-safe; it allocates nothing (`inherit` was built before the fork). Clearing
+            // FD_CLOEXEC in the child's own fd table lets exactly these fds (all >= 3, checked above)
+            // through exec, at the numbers `args` names; the parent's copies stay close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &inherit {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| {
+            ready_task.abort();
+            VmError::Spawn {
+                binary: config.vmm_binary.clone(),
+                source,
+            }
+        })?;
         let pid = child.id().unwrap_or(0);
         let stderr_log = Arc::new(Mutex::new(StderrLog::default()));
         let (timer_tx, timer_rx) = watch::channel(None);
@@ -758,6 +838,49 @@ mod tests {
         assert_eq!(p.shared_dir, Path::new("/run/capsa/sb/shared"));
         c.shared_fs = None;
         assert!(!c.vmm_args(&p).iter().any(|a| a == "--fs"));
+    }
+
+    #[test]
+    fn vmm_command_line_with_net_devices() {
+        assert_eq!(net_arg(7, None, None), "fd=7");
+        assert_eq!(
+            net_arg(3, Some([0x0a, 0x58, 0, 0xff, 1, 2]), Some(1400)),
+            "fd=3,mac=0a:58:00:ff:01:02,mtu=1400"
+        );
+        let mut c = VmConfig::new("/v".into(), "/k".into(), None);
+        let open = || Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        c.net = vec![
+            NetDevice {
+                tap: open(),
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                mtu: Some(1500),
+            },
+            NetDevice {
+                tap: open(),
+                mac: None,
+                mtu: None,
+            },
+        ];
+        let fds: Vec<RawFd> = c.net.iter().map(|n| n.tap.as_raw_fd()).collect();
+        assert_eq!(c.inherited_fds().unwrap(), fds);
+        let p = SandboxPaths::new(Path::new("/run/capsa"), "sb");
+        let args: Vec<String> = c
+            .vmm_args(&p)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let nets: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--net")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                format!("fd={},mac=02:00:00:00:00:01,mtu=1500", fds[0]),
+                format!("fd={}", fds[1])
+            ]
+        );
     }
 
     fn fake_files(dir: &Path) -> VmConfig {

@@ -28,6 +28,7 @@ use super::sandbox::{
 use super::shared_fs::{
     shared_guest_spec, ContainerShare, PodVolumes, GUEST_SHARED_DIR, GUEST_SHM_DIR,
 };
+use crate::network::{GuestNetworkError, NetworkError, SandboxNetwork};
 use crate::virtiofsd::SharedFsConfig;
 use crate::vm::{Disk, Vm, VmConfig};
 
@@ -66,6 +67,28 @@ fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
         }
         // The connection broke: the VM is gone.
         other => SandboxError::VmGone(format!("{what}: {other}")),
+    }
+}
+
+/// A pod network that cannot be set up: a namespace that is missing or not one is the caller's
+/// mistake, the rest is ours.
+fn network_error(e: NetworkError) -> SandboxError {
+    let msg = format!("pod network: {e}");
+    if e.is_netns_gone() {
+        SandboxError::InvalidArgument(msg)
+    } else {
+        SandboxError::Internal(msg)
+    }
+}
+
+fn guest_network_error(e: GuestNetworkError) -> SandboxError {
+    map_err(&format!("pod network: {} {}", e.request, e.what), e.source)
+}
+
+/// Tears the pod network down, logging (not returning) a failure: used on error paths.
+async fn undo_network(network: Option<SandboxNetwork>) {
+    if let Some(mut n) = network {
+        let _ = n.teardown().await;
     }
 }
 
@@ -212,17 +235,37 @@ impl SandboxFactory for VmFactory {
                 .extra_cmdline
                 .extend(super::debug_console::DEBUG_CMDLINE.map(String::from));
         }
+        // The pod's network namespace (CRI's, with the CNI veth): taps joined to its interfaces
+        // become the VM's NICs. No namespace path (host network, `ctr run`): loopback only.
+        let mut network = match SandboxNetwork::from_spec(&spec).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&image);
+                return Err(network_error(e));
+            }
+        };
+        if let Some(n) = network.as_mut() {
+            vm_config.net = n.take_vmm_devices();
+        }
         tracing::info!(
             sandbox = sandbox_id,
             vcpus = size.vcpus,
             memory_mib = size.memory_mib,
             rootfs_mode = ?mode,
+            netns = ?network.as_ref().map(|n| n.netns().display().to_string()),
             "booting sandbox VM"
         );
-        let vm = Vm::start(&vm_config, sandbox_id).await.map_err(|e| {
-            let _ = std::fs::remove_file(&image);
-            SandboxError::Internal(format!("boot sandbox VM: {e}"))
-        })?;
+        let started = Vm::start(&vm_config, sandbox_id).await;
+        // The VMM has its own copies of the tap fds: ours go, so the taps live as long as it does.
+        vm_config.net.clear();
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo_network(network).await;
+                let _ = std::fs::remove_file(&image);
+                return Err(SandboxError::Internal(format!("boot sandbox VM: {e}")));
+            }
+        };
         if h.debug_console {
             // Ends by itself when the sandbox directory (and the console log in it) goes with the VM.
             super::debug_console::follow(sandbox_id.to_owned(), vm.paths().console_log.clone());
@@ -260,8 +303,16 @@ impl SandboxFactory for VmFactory {
             }
             Err(e) => Err(map_err("CreateSandbox", e)),
         };
+        let created = match (created, &network) {
+            (Ok(()), Some(n)) => n
+                .configure_guest(&client, CALL_TIMEOUT)
+                .await
+                .map_err(guest_network_error),
+            (r, _) => r,
+        };
         if let Err(e) = created {
             let _ = vm.stop().await;
+            undo_network(network).await;
             let _ = std::fs::remove_file(&image);
             return Err(e);
         }
@@ -278,6 +329,7 @@ impl SandboxFactory for VmFactory {
             shared_dir,
             shares: std::sync::Mutex::new(HashMap::new()),
             pod_volumes: PodVolumes::default(),
+            network: tokio::sync::Mutex::new(network),
         }))
     }
 }
@@ -295,6 +347,8 @@ pub struct VmSandbox {
     shares: std::sync::Mutex<HashMap<String, ContainerShare>>,
     /// Host paths bound with mount propagation, shared once for the pod (held through `shares`).
     pod_volumes: PodVolumes,
+    /// The pod network (taps and tc redirects in the pod's netns), torn down after the VM stops.
+    network: tokio::sync::Mutex<Option<SandboxNetwork>>,
 }
 
 /// The storages CreateSandbox mounts in virtio-fs mode: the share, and a tmpfs for the pod's /dev/shm.
@@ -717,6 +771,8 @@ impl Sandbox for VmSandbox {
                 .map_err(|e| SandboxError::Internal(format!("stop VM: {e}"))),
             None => Ok(()),
         };
+        // After the VM: its taps are gone with the VMM; the veths' qdiscs go now.
+        undo_network(self.network.lock().await.take()).await;
         let images = std::mem::take(&mut *self.images.lock().unwrap_or_else(|p| p.into_inner()));
         for img in images {
             let _ = std::fs::remove_file(img);
@@ -777,6 +833,57 @@ mod tests {
             guest_spec(b"{", "c1"),
             Err(SandboxError::InvalidArgument(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_missing_netns_fails_the_boot_and_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A VMM that would leave a marker if it were ever started.
+        let vmm = dir.path().join("fake-vmm");
+        let marker = dir.path().join("vmm-ran");
+        std::fs::write(
+            &vmm,
+            format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+        let mut config = CapsaConfig::default();
+        config.hypervisor.path = vmm;
+        config.hypervisor.kernel = dir.path().join("k");
+        config.hypervisor.initrd = None;
+        // virtio-fs mode with a virtiofsd that is never started (it would be, by Vm::start).
+        std::fs::write(dir.path().join("virtiofsd"), b"").unwrap();
+        config.hypervisor.virtiofsd = Some(dir.path().join("virtiofsd"));
+        config.hypervisor.rootfs_mode = Some(RootfsMode::VirtioFs);
+        config.runtime.state_dir = dir.path().join("state");
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        let spec = serde_json::json!({"linux": {"namespaces": [
+            {"type": "network", "path": "/nonexistent/capsa-netns"}
+        ]}});
+        let req = ContainerRequest {
+            container_id: "sb".into(),
+            spec_json: spec.to_string().into_bytes(),
+            rootfs: bundle.join("rootfs"),
+            bundle: bundle.clone(),
+        };
+        let factory = VmFactory { config };
+        let err = match factory.boot("sb", &req).await {
+            Ok(_) => panic!("booted with a missing netns"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(&err, SandboxError::InvalidArgument(m) if m.contains("/nonexistent/capsa-netns")),
+            "{err:?}"
+        );
+        assert!(!marker.exists(), "the VMM was started");
+        assert!(
+            !bundle.join(ROOTFS_IMAGE).exists(),
+            "the rootfs image is left"
+        );
+        assert!(!dir.path().join("state/sb").exists());
     }
 
     #[tokio::test]

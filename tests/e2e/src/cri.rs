@@ -146,6 +146,12 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
 impl CriContainerd {
     /// Starts containerd and imports the images. Panics (after cleaning up) when it cannot.
     pub fn start(inputs: &Inputs) -> Self {
+        Self::start_with_cni(inputs, None)
+    }
+
+    /// [`start`](Self::start) with `conflist` (a CNI network configuration list) installed in
+    /// `<dir>/cni` before containerd starts: pods with a network namespace get that network.
+    pub fn start_with_cni(inputs: &Inputs, conflist: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cri")
             .tempdir_in("/tmp")
@@ -162,6 +168,9 @@ impl CriContainerd {
         // containerd's root on a tmpfs (the test host's / is an overlay; snapshots want a plain fs).
         std::fs::create_dir_all(dir.join("root")).unwrap();
         std::fs::create_dir_all(dir.join("cni")).unwrap();
+        if let Some(conflist) = conflist {
+            std::fs::write(dir.join("cni/10-capsa-e2e.conflist"), conflist).unwrap();
+        }
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         run_ok(
             Command::new("mount")
