@@ -27,56 +27,41 @@ pub fn vmm_sandbox_dir(args: &[&[u8]], group: &str) -> Option<PathBuf> {
 /// `capsa-vmm` processes of sandbox `group` under any state directory (the shim's `state_dir` comes
 /// from CRI's ConfigPath option, which reaches `start` but not `delete`): (pid, sandbox directory).
 pub fn find_sandbox_vmms(group: &str) -> Vec<(i32, PathBuf)> {
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if let Some(d) = vmm_sandbox_dir(&args, group) {
-            found.push((pid, d));
-        }
-    }
-    found
+    process_cmdlines()
+        .filter_map(|(pid, cmdline)| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            vmm_sandbox_dir(&args, group).map(|d| (pid, d))
+        })
+        .collect()
+}
+
+/// Every process's pid and raw command line (NUL-separated), from /proc; processes that vanish while it is
+/// read are skipped.
+fn process_cmdlines() -> impl Iterator<Item = (i32, Vec<u8>)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            Some((pid, cmdline))
+        })
 }
 
 /// Pids of `capsa-vmm` processes whose command line names `needle` (the sandbox's vsock socket).
 pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_vmm = args
-            .first()
-            .map(|a| a.ends_with(b"capsa-vmm"))
-            .unwrap_or(false);
-        if is_vmm && args.contains(&needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
+    process_cmdlines()
+        .filter(|(_, cmdline)| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_vmm = args
+                .first()
+                .map(|a| a.ends_with(b"capsa-vmm"))
+                .unwrap_or(false);
+            is_vmm && args.contains(&needle.as_bytes())
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// The pod network namespace the sandbox whose VM container `id` booted was plumbed into: the

@@ -307,16 +307,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(off) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = off
-            .checked_add(data.len())
-            .and_then(|end| self.config.get(off..end))
-        {
-            data.copy_from_slice(src);
-        }
+        super::read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -130,6 +130,21 @@ pub fn single_queue(queues: Vec<(Queue, EventFd)>) -> Result<(Queue, EventFd), A
     }
 }
 
+/// Reads `data.len()` bytes at `offset` of a device's configuration space `config` into `data`; a read that
+/// does not lie wholly inside it leaves `data` zeroed (a guest may read any offset and width).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = start
+        .checked_add(data.len())
+        .and_then(|end| config.get(start..end))
+    {
+        data.copy_from_slice(src);
+    }
+}
+
 /// One virtio device behind a transport. Implementations live one per folder/file next to this module.
 pub trait VirtioDevice: Send {
     /// virtio device ID (1 net, 2 block, 4 rng, 19 vsock, 26 fs, ...).
@@ -155,5 +170,23 @@ pub trait VirtioDevice: Send {
     /// Stop serving after a driver reset. Returns false when the device cannot be reset.
     fn reset(&mut self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod config_space_tests {
+    use super::read_config_space;
+
+    #[test]
+    fn reads_inside_and_zeroes_outside() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [9u8; 2];
+        read_config_space(&cfg, 1, &mut d);
+        assert_eq!(d, [2, 3]);
+        for (off, len) in [(3, 2), (4, 1), (u64::MAX, 1), (u64::from(u32::MAX) + 7, 4)] {
+            let mut d = vec![9u8; len];
+            read_config_space(&cfg, off, &mut d);
+            assert!(d.iter().all(|b| *b == 0), "offset {off} len {len}: {d:?}");
+        }
     }
 }
