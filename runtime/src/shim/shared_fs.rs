@@ -448,6 +448,8 @@ struct PodVolumesInner {
 #[derive(Debug)]
 struct PodVolume {
     refs: usize,
+    /// The host path it binds (a key names one path only, checked on every acquire).
+    source: PathBuf,
     mount: Mounted,
 }
 
@@ -466,6 +468,13 @@ impl PodVolumes {
     ) -> Result<(), SandboxError> {
         let mut inner = self.lock();
         if let Some(v) = inner.entries.get_mut(key) {
+            if v.source != source {
+                return Err(SandboxError::Internal(format!(
+                    "{POD_VOLUMES}/{key} already binds {} (asked for {})",
+                    v.source.display(),
+                    source.display()
+                )));
+            }
             v.refs += 1;
             return Ok(());
         }
@@ -506,9 +515,14 @@ impl PodVolumes {
                 return Err(e);
             }
         };
-        inner
-            .entries
-            .insert(key.to_owned(), PodVolume { refs: 1, mount });
+        inner.entries.insert(
+            key.to_owned(),
+            PodVolume {
+                refs: 1,
+                source: source.to_path_buf(),
+                mount,
+            },
+        );
         Ok(())
     }
 
@@ -1109,6 +1123,14 @@ mod tests {
         // rootfs twice, `other` twice, `vol` once.
         assert_eq!(mounts_under(d.path()), before + 5);
         assert_eq!(volumes.len(), 1);
+        // A key names one host path: another path under the same key is refused, nothing else changes.
+        let mut forged = b.binds.clone();
+        forged[0].source = other.clone();
+        let e =
+            ContainerShare::create_in_pod(&shared, "f", &rootfs, &forged, &volumes).unwrap_err();
+        assert!(e.to_string().contains("already binds"), "{e}");
+        assert_eq!(mounts_under(d.path()), before + 5);
+        assert!(!shared.join("f").exists());
         let host_side = shared.join(POD_VOLUMES).join(&key);
         std::fs::write(host_side.join("f"), "x").unwrap();
         assert!(vol.join("f").exists());
