@@ -97,6 +97,32 @@ struct Pod {
     netns: Option<PathBuf>,
 }
 
+/// Set on every pod; read back in its container under both runtimes.
+const NET_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+    ("net.ipv4.tcp_keepalive_time", "600"),
+];
+
+/// The pod's net sysctls as its container reads them.
+async fn check_net_sysctls(cri: &Cri, pod: &Pod) -> Result<String, String> {
+    let got = exec(
+        cri,
+        &pod.web,
+        &[
+            "sh",
+            "-c",
+            "echo $(cat /proc/sys/net/ipv4/ping_group_range) $(cat /proc/sys/net/ipv4/tcp_keepalive_time)",
+        ],
+    )
+    .await?;
+    let want = "0 2147483647 600";
+    if got.trim() == want {
+        Ok(want.into())
+    } else {
+        Err(format!("read {:?}, want {want:?}", got.trim()))
+    }
+}
+
 fn net_pod_config(c: &CriContainerd, name: &str, host_port: bool) -> cri::PodSandboxConfig {
     let mut cfg = pod_config(name, &c.log_dir(name));
     cfg.hostname = name.into();
@@ -107,6 +133,13 @@ fn net_pod_config(c: &CriContainerd, name: &str, host_port: bool) -> cri::PodSan
         .and_then(|s| s.namespace_options.as_mut())
     {
         ns.network = cri::NamespaceMode::Pod as i32;
+    }
+    // Pod sysctls in the pod's network namespace: one Kubernetes calls safe, one unsafe (issue 9).
+    if let Some(l) = cfg.linux.as_mut() {
+        l.sysctls = NET_SYSCTLS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
     if host_port {
         cfg.port_mappings = vec![cri::PortMapping {
@@ -595,6 +628,12 @@ async fn suite(c: &CriContainerd, report: &mut Report, pods: &mut Vec<(String, &
         }
     }
     let (a, b, r) = (&started[0], &started[1], &started[2]);
+    for p in [a, b, r] {
+        report.record(
+            &format!("sysctls-{}", p.name),
+            check_net_sysctls(&cri, p).await,
+        );
+    }
     for p in [a, b] {
         report.record(&format!("eth0-{}", p.name), check_eth0(&cri, p).await);
         let plumbing = match &p.netns {
