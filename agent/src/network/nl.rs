@@ -240,14 +240,7 @@ impl Route {
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.dest.is_default() {
-            f.write_str("default")?;
-        } else {
-            write!(f, "{}", self.dest)?;
-        }
-        if let Some(g) = self.gateway {
-            write!(f, " via {g}")?;
-        }
+        super::parse::fmt_dest_via(f, &self.dest, self.gateway)?;
         if let Some(i) = self.oif {
             write!(f, " dev #{i}")?;
         }

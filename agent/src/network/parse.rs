@@ -333,16 +333,26 @@ pub struct RouteRequest {
     pub onlink: bool,
 }
 
+/// A route's destination and gateway the way `ip route` prints them: `default` or the CIDR, then ` via GW`.
+pub fn fmt_dest_via(
+    f: &mut fmt::Formatter<'_>,
+    dest: &IpNet,
+    gateway: Option<IpAddr>,
+) -> fmt::Result {
+    if dest.is_default() {
+        f.write_str("default")?;
+    } else {
+        write!(f, "{dest}")?;
+    }
+    if let Some(g) = gateway {
+        write!(f, " via {g}")?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for RouteRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.dest.is_default() {
-            f.write_str("default")?;
-        } else {
-            write!(f, "{}", self.dest)?;
-        }
-        if let Some(g) = self.gateway {
-            write!(f, " via {g}")?;
-        }
+        fmt_dest_via(f, &self.dest, self.gateway)?;
         write!(f, " dev {}", self.device)?;
         if let Some(s) = self.source {
             write!(f, " src {s}")?;
