@@ -13,6 +13,7 @@
 //! - [`container`]: OCI containers (libcontainer), storages, stdio streaming, cgroups, OOM events.
 //! - [`network`]: interfaces, routes and neighbours of the guest's (= the pod's) network namespace, over
 //!   rtnetlink.
+//! - [`port_forward`]: CRI PortForward's guest end (vsock port 1026 → `127.0.0.1:PORT`).
 
 pub mod boot_timer;
 pub mod container;
@@ -20,6 +21,7 @@ pub mod guest_details;
 pub mod init;
 pub mod logging;
 pub mod network;
+pub mod port_forward;
 pub mod reaper;
 pub mod sandbox;
 pub mod server;

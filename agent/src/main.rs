@@ -209,6 +209,12 @@ fn run(args: &Args, facts: AgentFacts) -> anyhow::Result<()> {
         );
 
         if args.listen.starts_with("vsock://") {
+            tokio::spawn(async {
+                let port = capsa_proto::PORT_FORWARD_VSOCK_PORT;
+                if let Err(e) = capsa_agent::port_forward::serve(port).await {
+                    tracing::error!("port-forward listener on vsock port {port}: {e}");
+                }
+            });
             tokio::task::spawn_blocking(notify_host_ready);
         }
         if is_init {

@@ -18,6 +18,11 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// at the Unix socket `<vsock socket>_1025`. Nobody listening there is fine: the host then polls.
 pub const READY_NOTIFY_VSOCK_PORT: u32 = 1025;
 
+/// Guest vsock port of the agent's port forwarder (CRI PortForward): the host writes a TCP port and
+/// `\n`, the agent answers `OK\n` (or `ERR <reason>\n`) and joins the stream to `127.0.0.1:PORT` in the
+/// guest.
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
+
 /// Fully qualified ttrpc service name.
 pub const AGENT_SERVICE_NAME: &str = "capsa.agent.v1.AgentService";
 

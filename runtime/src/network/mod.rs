@@ -25,6 +25,7 @@
 
 pub mod discover;
 pub mod netns;
+pub mod port_forward;
 pub mod sandbox;
 pub mod tap;
 pub mod tc;
@@ -131,6 +132,8 @@ pub struct CleanupReport {
     pub taps_deleted: Vec<String>,
     /// Interfaces whose ingress qdisc (with capsa's redirect) was deleted.
     pub qdiscs_deleted: Vec<String>,
+    /// capsa's port-forward redirect rules deleted (see [`port_forward`]).
+    pub port_forward_rules_deleted: usize,
 }
 
 /// Discovers the pod interfaces of the namespace at `netns` (everything but `lo`, non-Ethernet
@@ -269,6 +272,7 @@ impl Drop for PodNetwork {
 /// other interface, the ingress qdisc *only if* it holds a filter whose action carries capsa's
 /// cookie (so qdiscs added by anyone else stay). A missing namespace is not an error.
 pub async fn cleanup_netns(netns: &Path) -> Result<CleanupReport, NetworkError> {
+    let ns_path = netns.to_path_buf();
     let result = run_in_netns(netns, |h| async move {
         let mut report = CleanupReport::default();
         let links: Vec<_> = h
@@ -311,6 +315,11 @@ pub async fn cleanup_netns(netns: &Path) -> Result<CleanupReport, NetworkError> 
                 report.qdiscs_deleted.push(name);
             }
         }
+        // The port-forward redirect points at a listener of the shim that is gone.
+        match port_forward::remove_rules_here(&ns_path) {
+            Ok(n) => report.port_forward_rules_deleted = n,
+            Err(e) => warn!("cleanup: {e}"),
+        }
         Ok(report)
     })
     .await;
@@ -321,6 +330,7 @@ pub async fn cleanup_netns(netns: &Path) -> Result<CleanupReport, NetworkError> 
         }
         Ok(report) => {
             info!(netns = %netns.display(), taps = ?report.taps_deleted, qdiscs = ?report.qdiscs_deleted,
+                port_forward_rules = report.port_forward_rules_deleted,
                 "cleaned up capsa's pod network plumbing");
             Ok(report)
         }

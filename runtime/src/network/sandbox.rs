@@ -8,7 +8,8 @@
 //!    with the veth's MAC and MTU, so the guest NIC is a copy of the veth.
 //! 4. [`SandboxNetwork::configure_guest`], once the agent answers: UpdateInterface per interface,
 //!    UpdateRoutes, AddARPNeighbors.
-//! 5. [`SandboxNetwork::teardown`] when the sandbox goes (stop, failed boot, dead VMM), or
+//! 5. [`SandboxNetwork::start_port_forward`]: CRI PortForward into the guest.
+//! 6. [`SandboxNetwork::teardown`] when the sandbox goes (stop, failed boot, dead VMM), or
 //!    [`super::cleanup_netns`] on the namespace when the process holding this state is gone.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use capsa_proto::ttrpc;
 use capsa_proto::AgentServiceClient;
 use tracing::{info, warn};
 
+use super::port_forward::PortForwarder;
 use super::{format_mac, NetworkError, PodNetwork};
 use crate::vm::NetDevice;
 
@@ -61,6 +63,8 @@ pub struct GuestNetworkError {
 #[derive(Debug)]
 pub struct SandboxNetwork {
     net: PodNetwork,
+    /// CRI PortForward into the guest, once the VM runs (see [`Self::start_port_forward`]).
+    port_forward: Option<PortForwarder>,
 }
 
 impl SandboxNetwork {
@@ -76,7 +80,10 @@ impl SandboxNetwork {
     /// Sets up the pod network of the namespace at `netns`.
     pub async fn setup(netns: &Path) -> Result<Self, NetworkError> {
         let net = PodNetwork::setup(netns).await?;
-        Ok(SandboxNetwork { net })
+        Ok(SandboxNetwork {
+            net,
+            port_forward: None,
+        })
     }
 
     pub fn netns(&self) -> &Path {
@@ -171,9 +178,28 @@ impl SandboxNetwork {
         Ok(())
     }
 
+    /// Makes CRI PortForward reach the guest (see [`super::port_forward`]): connections to
+    /// `127.0.0.1:PORT` in the pod's namespace go to `127.0.0.1:PORT` in the guest behind the VMM's
+    /// hybrid-vsock socket `vsock_uds`. A failure (no iptables on the node, say) is logged and the
+    /// pod runs without it: PortForward then fails as it did before, and nothing else does.
+    pub async fn start_port_forward(&mut self, vsock_uds: &Path) {
+        if self.port_forward.is_some() {
+            return;
+        }
+        match PortForwarder::start(self.netns(), vsock_uds).await {
+            Ok(f) => self.port_forward = Some(f),
+            Err(e) => {
+                warn!(netns = %self.netns().display(), "CRI PortForward unavailable for this pod: {e}")
+            }
+        }
+    }
+
     /// Removes capsa's plumbing from the namespace and closes any tap fd still held (see
     /// [`PodNetwork::teardown`]). Idempotent; a namespace already gone is not an error.
     pub async fn teardown(&mut self) -> Result<(), NetworkError> {
+        if let Some(f) = self.port_forward.take() {
+            f.stop().await;
+        }
         let r = self.net.teardown().await;
         if let Err(e) = &r {
             warn!(netns = %self.netns().display(), error = %e, "pod network teardown failed");

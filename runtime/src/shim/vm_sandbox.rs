@@ -316,6 +316,9 @@ impl SandboxFactory for VmFactory {
             let _ = std::fs::remove_file(&image);
             return Err(e);
         }
+        if let Some(n) = network.as_mut() {
+            n.start_port_forward(&vm.paths().vsock).await;
+        }
         Ok(Arc::new(VmSandbox {
             pid: vm.pid(),
             client,

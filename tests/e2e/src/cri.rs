@@ -613,3 +613,103 @@ pub async fn exec_tty(
         .await
         .map_err(|_| format!("tty exec did not finish within {timeout:?}"))?
 }
+
+/// What a CRI PortForward stream carried (see [`port_forward`]).
+#[derive(Debug, Default)]
+pub struct PortForwardResult {
+    /// Bytes from the pod's port (data channel, after its two-byte port header).
+    pub data: Vec<u8>,
+    /// Text on the error channel (after its port header): why the runtime could not forward.
+    pub error: String,
+}
+
+/// CRI PortForward to `port` of pod `pod_id`, as `kubectl port-forward` does it: the URL containerd
+/// answers is opened as a websocket with the `v4.channel.k8s.io` protocol and `?port=PORT`; channel 0
+/// carries data, channel 1 errors, each starting with the port as two little-endian bytes. Sends
+/// `request`, then reads until the stream closes, `want` appears in the data, or `timeout`.
+pub async fn port_forward(
+    cri: &Cri,
+    pod_id: &str,
+    port: u16,
+    request: &[u8],
+    want: &[u8],
+    timeout: Duration,
+) -> Result<PortForwardResult, String> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = cri
+        .rt
+        .clone()
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.into(),
+            port: vec![i32::from(port)],
+        })
+        .await
+        .map_err(|e| format!("PortForward: {e}"))?
+        .into_inner()
+        .url;
+    let ws_url = format!("{}?port={port}", url.replacen("http://", "ws://", 1));
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("port-forward URL {url:?}: {e}"))?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().map_err(|e| format!("{e}"))?,
+    );
+    let mut out = PortForwardResult::default();
+    let run = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| format!("websocket to {ws_url}: {e}"))?;
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(request);
+        ws.send(Message::Binary(frame.into()))
+            .await
+            .map_err(|e| format!("sending on the data channel: {e}"))?;
+        let (mut data_header, mut error_header) = (2usize, 2usize);
+        while let Some(msg) = ws.next().await {
+            let bytes = match msg {
+                Ok(Message::Binary(b)) => b.to_vec(),
+                Ok(Message::Text(t)) => t.as_bytes().to_vec(),
+                Ok(Message::Close(_)) => break,
+                Ok(_) => continue,
+                // A reset after the answer is how a forward may end.
+                Err(e) => {
+                    out.error.push_str(&format!("[websocket: {e}]"));
+                    break;
+                }
+            };
+            let Some((chan, mut rest)) = bytes.split_first() else {
+                continue;
+            };
+            let header = if *chan == 0 {
+                &mut data_header
+            } else {
+                &mut error_header
+            };
+            let skip = (*header).min(rest.len());
+            *header -= skip;
+            rest = &rest[skip..];
+            match chan {
+                0 => out.data.extend_from_slice(rest),
+                _ => out.error.push_str(&String::from_utf8_lossy(rest)),
+            }
+            if !want.is_empty() && out.data.windows(want.len()).any(|w| w == want) {
+                break;
+            }
+        }
+        Ok::<_, String>(())
+    };
+    let finished = tokio::time::timeout(timeout, run).await;
+    match finished {
+        Ok(r) => r.map(|()| out),
+        Err(_) => Err(format!(
+            "port-forward did not end within {timeout:?}; got {} data bytes, error {:?}",
+            out.data.len(),
+            out.error
+        )),
+    }
+}

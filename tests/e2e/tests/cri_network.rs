@@ -7,6 +7,8 @@
 //! - TCP (busybox httpd + wget) capsa↔capsa and capsa↔runc both ways, host → capsa pod IP (what a
 //!   kubelet probe does), capsa pod → host (the bridge gateway IP);
 //! - a hostPort (portmap) reaches a capsa pod's server from the host;
+//! - CRI PortForward (containerd's websocket, as kubectl port-forward uses it) returns the page of a
+//!   capsa pod's httpd, as it does for the runc pod; to a closed port it ends with no data;
 //! - RemovePodSandbox leaves no netns, no VMM, no tap, no IP allocation behind (counted before/after),
 //!   and the shim logged its teardown of each capsa pod's netns;
 //! - a capsa pod whose VMM is SIGKILLed loses its tap at once, and one whose shim is SIGKILLed is
@@ -24,8 +26,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capsa_e2e::cri::{
-    container_config, containerd_available, pids_mentioning, pod_config, Cri, CriContainerd,
-    BUSYBOX_IMAGE,
+    container_config, containerd_available, pids_mentioning, pod_config, port_forward, Cri,
+    CriContainerd, BUSYBOX_IMAGE,
 };
 use capsa_e2e::{e2e_enabled, Inputs};
 use k8s_cri::v1 as cri;
@@ -402,7 +404,13 @@ fn netns_plumbing(netns: &Path) -> Result<String, String> {
     if !qdisc.contains("ingress") {
         return Err(format!("no ingress qdisc on eth0 in {n}: {qdisc:?}"));
     }
-    Ok(format!("{n}: tap0_capsa + ingress qdisc on eth0"))
+    let nat = sh(&format!("nsenter --net={n} iptables -w 5 -t nat -S OUTPUT"))?;
+    if !nat.contains("capsa-port-forward") {
+        return Err(format!("no capsa-port-forward redirect in {n}: {nat:?}"));
+    }
+    Ok(format!(
+        "{n}: tap0_capsa + ingress qdisc on eth0 + port-forward redirect"
+    ))
 }
 
 async fn start_pod(
@@ -444,6 +452,40 @@ async fn start_pod(
         ip,
         netns,
     })
+}
+
+/// CRI PortForward to the pod's httpd returns its page.
+async fn port_forward_check(cri: &Cri, pod: &Pod) -> Result<String, String> {
+    let want = format!("pod-{}", pod.name);
+    let r = port_forward(
+        cri,
+        &pod.id,
+        POD_PORT,
+        b"GET / HTTP/1.0\r\n\r\n",
+        want.as_bytes(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&r.data);
+    if text.contains(&want) && text.starts_with("HTTP/1.") {
+        Ok(format!("{} bytes, {:?}", r.data.len(), text.lines().next()))
+    } else {
+        Err(format!("got {text:?}, error channel {:?}", r.error))
+    }
+}
+
+/// CRI PortForward to a port nothing listens on ends promptly with no data (runc reports
+/// "connection refused" on the error channel; capsa resets the forwarded connection).
+async fn port_forward_closed(cri: &Cri, pod: &Pod) -> Result<String, String> {
+    let r = port_forward(cri, &pod.id, 9, b"hello", b"", Duration::from_secs(30)).await?;
+    if r.data.is_empty() {
+        Ok(format!("ended with no data; error channel {:?}", r.error))
+    } else {
+        Err(format!(
+            "data from a closed port: {:?}",
+            String::from_utf8_lossy(&r.data)
+        ))
+    }
 }
 
 async fn check_eth0(cri: &Cri, pod: &Pod) -> Result<String, String> {
@@ -658,6 +700,18 @@ async fn suite(c: &CriContainerd, report: &mut Report, pods: &mut Vec<(String, &
     report.record(
         "hostport-gateway-ip",
         host_get(gw_port, "pod-net-a".into()).await,
+    );
+    // CRI PortForward (kubectl port-forward): containerd dials localhost:PORT in the pod's netns;
+    // capsa carries it into the guest. runc alongside, as the reference.
+    for p in [a, r] {
+        report.record(
+            &format!("port-forward-{}", p.name),
+            port_forward_check(&cri, p).await,
+        );
+    }
+    report.record(
+        "port-forward-closed-port-net-a",
+        port_forward_closed(&cri, a).await,
     );
     // Informational: portmap's localhost path (route_localnet + SNAT), not required.
     let lo: SocketAddr = format!("127.0.0.1:{HOST_PORT}").parse().expect("addr");
