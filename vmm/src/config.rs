@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::MAX_VCPUS;
 
+pub use crate::devices::legacy::DEFAULT_CONSOLE_LIMIT;
+
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -77,6 +79,10 @@ pub const DEFAULT_FS_QUEUES: u16 = 1;
 pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
 /// Most virtio-fs request queues (virtiofsd serves one thread per queue; keep it small).
 pub const MAX_FS_QUEUES: u16 = 16;
+
+fn default_console_limit() -> u64 {
+    DEFAULT_CONSOLE_LIMIT
+}
 
 fn default_fs_queues() -> u16 {
     DEFAULT_FS_QUEUES
@@ -352,6 +358,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// Guest serial output file; `None` = the VMM's stdout.
     pub console_log: Option<PathBuf>,
+    /// Most bytes of guest serial output written (to the file or stdout); the rest is dropped.
+    #[serde(default = "default_console_limit")]
+    pub console_limit: u64,
     /// virtio-fs devices (vhost-user); any of them makes guest memory a shared memfd.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
@@ -373,6 +382,7 @@ impl VmConfig {
             disks: vec![],
             rng: false,
             console_log: None,
+            console_limit: DEFAULT_CONSOLE_LIMIT,
             fs: vec![],
             net: vec![],
         }
@@ -501,6 +511,7 @@ pub struct ConfigFile {
     pub disks: Option<Vec<DiskConfig>>,
     pub rng: Option<bool>,
     pub console_log: Option<PathBuf>,
+    pub console_limit: Option<u64>,
     pub fs: Option<Vec<FsConfig>>,
     pub net: Option<Vec<NetConfig>>,
 }
@@ -518,6 +529,7 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     disks        array    [{"path": string, "readonly": bool (default false)}], virtio-blk vda, vdb, ...
     rng          bool     add a virtio-rng device
     console_log  string   file for the guest's serial output (default: stdout)
+    console_limit integer most bytes of guest serial output kept (default 1048576, see --console-limit)
     fs           array    [{"tag": string, "socket": string, "queues": int (default 1),
                            "queue_size": int (default 1024)}], virtio-fs through a vhost-user backend
     net          array    [{"tap": string | "fd": int, "mac": string, "mtu": int}], virtio-net (see --net)
@@ -541,6 +553,11 @@ VIRTIO-NET (--net tap=NAME[,mac=MAC][,mtu=N] or --net fd=N[,mac=MAC][,mtu=N])
   mac=aa:bb:cc:dd:ee:ff is the guest's address (unicast; default: random, locally administered); mtu=N
   (68..=65535) is offered to the guest, whose stack then uses it. The host side (addresses, bridge, MTU of
   the tap) is the caller's job. Emulated in user space, one queue pair.
+
+CONSOLE (--console-log FILE, --console-limit BYTES)
+  The guest's COM1 output goes to FILE (truncated at start) or stdout. At most BYTES bytes of it are written
+  (default 1048576); then one line "[capsa-vmm: console log limit of BYTES bytes reached; further output
+  dropped]" is added, the rest is dropped, and the number of dropped bytes is logged (warn) when the VMM exits.
 
 EXIT STATUS
   0  the guest stopped itself (i8042 reset, e.g. `reboot=k` reboot/poweroff; triple fault) or SIGTERM/SIGINT
@@ -595,6 +612,10 @@ pub struct Cli {
     /// File for the guest's serial output [default: stdout]
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
+    /// Most bytes of guest serial output written; then one notice line, the rest is dropped and counted
+    /// [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub console_limit: Option<u64>,
     /// JSON file with the same settings; flags override it
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
@@ -660,6 +681,10 @@ pub fn merge(file: ConfigFile, cli: Cli) -> Result<VmConfig, ConfigError> {
         },
         rng: cli.rng || file.rng.unwrap_or(false),
         console_log: cli.console_log.or(file.console_log),
+        console_limit: cli
+            .console_limit
+            .or(file.console_limit)
+            .unwrap_or(DEFAULT_CONSOLE_LIMIT),
         fs: if cli.fs.is_empty() {
             file.fs.unwrap_or_default()
         } else {
