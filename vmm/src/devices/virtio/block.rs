@@ -130,7 +130,7 @@ impl Disk {
         let chain = match Chain::parse(mem, chain, u64::from(u32::MAX)) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "blk: bad descriptor chain");
+                crate::guest_warn!(error = %e, "blk: bad descriptor chain");
                 return 0;
             }
         };
@@ -141,12 +141,12 @@ impl Disk {
             .checked_sub(1)
             .and_then(|p| chain.writable.addr_of(p))
         else {
-            tracing::warn!(head = chain.head, "blk: request without a status byte");
+            crate::guest_warn!(head = chain.head, "blk: request without a status byte");
             return 0;
         };
         let (status, data_written) = self.execute(mem, &chain);
         if let Err(e) = mem.write_obj(status, status_addr) {
-            tracing::warn!(error = %e, "blk: cannot write status");
+            crate::guest_warn!(error = %e, "blk: cannot write status");
             return 0;
         }
         data_written.saturating_add(1)
@@ -159,7 +159,7 @@ impl Disk {
         match rd.read(mem, &mut hdr) {
             Ok(HDR_LEN) => {}
             _ => {
-                tracing::warn!("blk: request header too short");
+                crate::guest_warn!("blk: request header too short");
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
         }
@@ -177,7 +177,7 @@ impl Disk {
                 match self.read_to_guest(mem, &chain.writable, offset, out_room) {
                     Ok(n) => (VIRTIO_BLK_S_OK, n),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector, "blk: read failed");
+                        crate::guest_warn!(error = %e, sector, "blk: read failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -193,7 +193,7 @@ impl Disk {
                 match self.write_from_guest(mem, rd, offset) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector, "blk: write failed");
+                        crate::guest_warn!(error = %e, sector, "blk: write failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -205,7 +205,7 @@ impl Disk {
                 match self.file.sync_data() {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!(error = %e, "blk: flush failed");
+                        crate::guest_warn!(error = %e, "blk: flush failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -227,13 +227,13 @@ impl Disk {
     /// Byte offset of `sector` if `len` bytes from there are whole sectors inside the disk.
     fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
         if !len.is_multiple_of(SECTOR_SIZE) {
-            tracing::warn!(len, "blk: request length is not whole sectors");
+            crate::guest_warn!(len, "blk: request length is not whole sectors");
             return None;
         }
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
         if end > self.capacity_bytes {
-            tracing::warn!(sector, len, "blk: request beyond the end of the disk");
+            crate::guest_warn!(sector, len, "blk: request beyond the end of the disk");
             return None;
         }
         Some(offset)
@@ -311,7 +311,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "blk: guest write to config space ignored");
+        crate::guest_warn!(offset, "blk: guest write to config space ignored");
     }
 
     fn activate(

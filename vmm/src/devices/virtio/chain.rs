@@ -231,7 +231,7 @@ impl DeviceQueue {
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
         match self.queue.add_used(mem, head, len) {
             Ok(()) => self.used_added = true,
-            Err(e) => tracing::warn!(error = %e, head, "virtio: cannot add used descriptor"),
+            Err(e) => crate::guest_warn!(error = %e, head, "virtio: cannot add used descriptor"),
         }
     }
 
@@ -243,7 +243,7 @@ impl DeviceQueue {
         let needed = self.queue.needs_notification(mem).unwrap_or(true);
         if needed {
             if let Err(e) = interrupt.signal_used_queue() {
-                tracing::warn!(error = %e, "virtio: cannot signal used queue");
+                crate::guest_warn!(error = %e, "virtio: cannot signal used queue");
             }
         }
     }

@@ -23,7 +23,7 @@
 //!
 //! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
 //! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
-//! logged; guest-controlled values never panic or index out of bounds.
+//! logged through `guest_warn!`/`guest_error!` (rate-limited per call site, `crate::log_limit`); guest-controlled values never panic or index out of bounds.
 
 pub mod block;
 mod chain;

@@ -51,12 +51,12 @@ fn fill(
     let chain = match Chain::parse(mem, chain, u64::from(u32::MAX)) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "rng: bad descriptor chain");
+            crate::guest_warn!(error = %e, "rng: bad descriptor chain");
             return 0;
         }
     };
     if !chain.readable.is_empty() {
-        tracing::warn!(
+        crate::guest_warn!(
             head = chain.head,
             "rng: request has device-readable descriptors"
         );
@@ -67,13 +67,13 @@ fn fill(
         .min(buf.len());
     let buf = &mut buf[..n];
     if let Err(e) = source.read_exact(buf) {
-        tracing::error!(error = %e, "rng: cannot read host entropy");
+        crate::guest_error!(error = %e, "rng: cannot read host entropy");
         return 0;
     }
     match chain.writable.cursor().write(mem, buf) {
         Ok(w) => w as u32,
         Err(e) => {
-            tracing::warn!(error = %e, "rng: cannot write guest buffer");
+            crate::guest_warn!(error = %e, "rng: cannot write guest buffer");
             0
         }
     }
@@ -101,7 +101,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "rng: guest write to config space ignored");
+        crate::guest_warn!(offset, "rng: guest write to config space ignored");
     }
 
     fn activate(

@@ -12,7 +12,7 @@
 //! - TX: each chain is validated (device-readable only, header + Ethernet header ..= header + 65550 bytes),
 //!   copied into one reusable buffer and written to the tap with one `write`. When the tap answers EAGAIN the
 //!   frame is kept, no further chain is taken, and the worker waits for EPOLLOUT on the tap. Invalid chains
-//!   are returned with length 0, counted in `tx_dropped` and logged (rate-limited).
+//!   are returned with length 0, counted in `tx_dropped` and logged (rate-limited, `crate::log_limit`).
 //! - RX: a frame is read from the tap only after the guest has posted a buffer for it; with no buffer the tap
 //!   is not polled for input at all (the kernel queues, or drops, what arrives), and an rx kick resumes. The
 //!   device holds at most one frame. With `MRG_RXBUF` a frame is spread over as many chains as it needs and
@@ -28,7 +28,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -253,7 +252,7 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "net: guest write to read-only config space ignored");
+        crate::guest_warn!(offset, "net: guest write to read-only config space ignored");
     }
 
     fn activate(
@@ -305,8 +304,6 @@ impl VirtioDevice for Net {
             rx_held: VecDeque::new(),
             tx_buf: vec![0u8; MAX_PACKET_LEN],
             tx_pending: None,
-            rx_log: LogLimiter::default(),
-            tx_log: LogLimiter::default(),
         };
         tracing::debug!(
             backend = %self.backend.describe(),
@@ -322,32 +319,6 @@ impl VirtioDevice for Net {
         self.stop_worker();
         self.acked_features = 0;
         true
-    }
-}
-
-/// At most one warning per second per kind; the rest are counted and reported with the next one.
-#[derive(Default)]
-struct LogLimiter {
-    next: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PERIOD: Duration = Duration::from_secs(1);
-
-    /// `Some(suppressed since the last one)` when a message may be logged now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.next {
-            Some(t) if now < t => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.next = Some(now + Self::PERIOD);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
     }
 }
 
@@ -385,8 +356,6 @@ struct NetWorker {
     tx_buf: Vec<u8>,
     /// A frame in `tx_buf` the tap refused with EAGAIN: (chain head, length).
     tx_pending: Option<(u16, usize)>,
-    rx_log: LogLimiter,
-    tx_log: LogLimiter,
 }
 
 impl NetWorker {
@@ -496,9 +465,7 @@ impl NetWorker {
                     }
                     Err(e) => {
                         inc(&self.counters.tx_dropped, 1);
-                        if let Some(suppressed) = self.tx_log.allow() {
-                            tracing::warn!(error = %e, len, suppressed, "net: tap refused a tx frame");
-                        }
+                        crate::guest_warn!(error = %e, len, "net: tap refused a tx frame");
                     }
                 }
                 self.tx.add_used(&self.mem, head, 0);
@@ -512,9 +479,7 @@ impl NetWorker {
                 Ok(len) => self.tx_pending = Some((head, len)),
                 Err(e) => {
                     inc(&self.counters.tx_dropped, 1);
-                    if let Some(suppressed) = self.tx_log.allow() {
-                        tracing::warn!(error = %e, head, suppressed, "net: bad tx chain");
-                    }
+                    crate::guest_warn!(error = %e, head, "net: bad tx chain");
                     self.tx.add_used(&self.mem, head, 0);
                 }
             }
@@ -535,9 +500,7 @@ impl NetWorker {
                     Ok(n) if n >= HDR_LEN => self.rx_len = Some(n.min(self.rx_buf.len())),
                     Ok(n) => {
                         inc(&self.counters.rx_dropped, 1);
-                        if let Some(suppressed) = self.rx_log.allow() {
-                            tracing::warn!(len = n, suppressed, "net: runt frame from the tap");
-                        }
+                        crate::guest_warn!(len = n, "net: runt frame from the tap");
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -581,9 +544,7 @@ impl NetWorker {
                 Err(e) => e.to_string(),
             };
             inc(&self.counters.rx_bad_chains, 1);
-            if let Some(suppressed) = self.rx_log.allow() {
-                tracing::warn!(head, why, suppressed, "net: bad rx chain");
-            }
+            crate::guest_warn!(head, why, "net: bad rx chain");
             self.rx.add_used(&self.mem, head, 0);
         }
     }
@@ -650,7 +611,7 @@ impl NetWorker {
                 Ok(w) if w == n => self.rx.add_used(&self.mem, chain.head, n as u32),
                 other => {
                     // Not expected: the chain's ranges were checked against guest memory.
-                    tracing::error!(result = ?other.map_err(|e| e.to_string()), "net: cannot write rx buffer");
+                    crate::guest_error!(result = ?other.map_err(|e| e.to_string()), "net: cannot write rx buffer");
                     self.rx.add_used(&self.mem, chain.head, 0);
                     complete = false;
                 }
@@ -675,9 +636,7 @@ impl NetWorker {
             }
         }
         inc(&self.counters.rx_dropped, 1);
-        if let Some(suppressed) = self.rx_log.allow() {
-            tracing::warn!(len = ?self.rx_len, why, suppressed, "net: rx frame dropped");
-        }
+        crate::guest_warn!(len = ?self.rx_len, why, "net: rx frame dropped");
         self.rx_len = None;
     }
 }

@@ -300,7 +300,7 @@ impl Connection {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
+                            crate::guest_warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
                             payload.clear();
                             self.state = State::Closed;
                             return Some(self.header(guest_cid, OP_RST));
@@ -330,7 +330,7 @@ impl Connection {
         if hdr.op == OP_RST {
             if self.state == State::Established && self.shut_sent == 0 && self.guest_shut == 0 {
                 // Worth a line: an established stream the guest resets without a shutdown first.
-                tracing::warn!(
+                crate::guest_warn!(
                     port = self.local_port,
                     peer = self.peer_port,
                     "vsock: the guest reset an open connection"
@@ -365,7 +365,7 @@ impl Connection {
             OP_RW => {
                 let queued = self.host_out.len() - self.out_exempt;
                 if queued + payload.len() > CONN_BUF_SIZE as usize {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         port = self.local_port,
                         "vsock: guest exceeded its credit; reset"
                     );
@@ -373,7 +373,7 @@ impl Connection {
                     return false;
                 }
                 if self.guest_shut & SHUTDOWN_SEND != 0 || self.host_write_shut {
-                    tracing::warn!("vsock: guest data after its SHUTDOWN; reset");
+                    crate::guest_warn!("vsock: guest data after its SHUTDOWN; reset");
                     self.reset();
                     return false;
                 }
@@ -388,7 +388,7 @@ impl Connection {
                 self.check_finished();
             }
             _ => {
-                tracing::warn!(
+                crate::guest_warn!(
                     op = hdr.op,
                     "vsock: unexpected op on an established connection; reset"
                 );
@@ -417,7 +417,7 @@ impl Connection {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.host_writable = false,
                 Err(e) => {
-                    tracing::warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
+                    crate::guest_warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
                     self.reset();
                     return;
                 }

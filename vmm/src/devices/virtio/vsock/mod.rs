@@ -153,7 +153,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             offset,
             "vsock: guest write to read-only config space ignored"
         );
@@ -278,10 +278,10 @@ impl VsockWorker {
             match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
                 Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.payload),
                 Err(TxError::Chain(e)) => {
-                    tracing::warn!(error = %e, head, "vsock: bad tx descriptor chain")
+                    crate::guest_warn!(error = %e, head, "vsock: bad tx descriptor chain")
                 }
                 Err(TxError::Packet(why, hdr)) => {
-                    tracing::warn!(why, head, "vsock: bad tx packet");
+                    crate::guest_warn!(why, head, "vsock: bad tx packet");
                     if let Some(hdr) = hdr {
                         self.muxer.on_bad_packet(&hdr);
                     }
@@ -302,13 +302,13 @@ impl VsockWorker {
             let chain = match Chain::parse(mem, chain, MAX_CHAIN_BYTES) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, head, "vsock: bad rx descriptor chain");
+                    crate::guest_warn!(error = %e, head, "vsock: bad rx descriptor chain");
                     self.queues[RXQ].add_used(mem, head, 0);
                     continue;
                 }
             };
             if !chain.readable.is_empty() || chain.writable.len() < HDR_LEN as u64 {
-                tracing::warn!(head, "vsock: rx buffer not device-writable or too small");
+                crate::guest_warn!(head, "vsock: rx buffer not device-writable or too small");
                 self.queues[RXQ].add_used(mem, head, 0);
                 continue;
             }
@@ -325,7 +325,7 @@ impl VsockWorker {
             match written {
                 Ok(n) => self.queues[RXQ].add_used(mem, head, n as u32),
                 Err(e) => {
-                    tracing::error!(error = %e, "vsock: cannot write rx buffer");
+                    crate::guest_error!(error = %e, "vsock: cannot write rx buffer");
                     self.queues[RXQ].add_used(mem, head, 0);
                 }
             }

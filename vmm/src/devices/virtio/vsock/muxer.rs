@@ -127,7 +127,7 @@ impl Muxer {
             conn.stream.as_raw_fd(),
             EpollEvent::new(ev, token),
         ) {
-            tracing::warn!(error = %e, "vsock: cannot watch connection");
+            crate::guest_warn!(error = %e, "vsock: cannot watch connection");
             return None;
         }
         if conn.state != State::HostHandshake {
@@ -170,11 +170,11 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        tracing::warn!("vsock: too many connections; host connection refused");
+                        crate::guest_warn!("vsock: too many connections; host connection refused");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!(error = %e, "vsock: cannot make host connection non-blocking");
+                        crate::guest_warn!(error = %e, "vsock: cannot make host connection non-blocking");
                         continue;
                     }
                     let conn = Connection::host_accepted(stream, Instant::now() + CONNECT_TIMEOUT);
@@ -189,7 +189,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: accept failed");
+                    crate::guest_warn!(error = %e, "vsock: accept failed");
                     return;
                 }
             }
@@ -317,7 +317,7 @@ impl Muxer {
     /// The guest wants host port `hdr.dst_port`: connect to `<uds>_<port>`.
     fn guest_connect(&mut self, hdr: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: too many connections; guest connect refused");
+            crate::guest_warn!("vsock: too many connections; guest connect refused");
             self.queue_rst(hdr);
             return;
         }
