@@ -5,6 +5,11 @@
 //! - `muxer`: the Unix listener, host connections, routing of guest packets.
 //! - this module: the [`VirtioDevice`] and its worker thread (epoll over the queue eventfds, the listener
 //!   and every connection).
+//!
+//! Host memory a guest can make the device hold: per connection at most `CONN_BUF_SIZE` (256 KiB) of data
+//! the host peer has not read yet (the credit we advertise; more resets the connection), and across all
+//! connections at most [`MAX_HOST_BUFFERED`]. When taking one more packet could cross that total, the worker
+//! stops taking tx chains (they stay in the queue: back-pressure, nothing dropped) until host peers read.
 
 mod connection;
 mod muxer;
@@ -27,6 +32,7 @@ use super::chain::{Chain, DeviceQueue};
 use super::worker::Worker;
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
+use connection::HostBuffered;
 use muxer::Muxer;
 use packet::{Header, HDR_LEN};
 
@@ -40,6 +46,10 @@ const TXQ: usize = 1;
 // Queue 2 (events) is only ever used for transport resets, which this device does not send.
 /// Largest payload in one packet, either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Most bytes buffered for host peers across all connections (default of [`Vsock::with_host_buffer_limit`]).
+/// Per connection the bound is 256 KiB, so this is 32 connections whose host peers all stopped reading;
+/// well-behaved peers (the shim, which reads its streams continuously) never come near it.
+pub const MAX_HOST_BUFFERED: usize = 8 << 20;
 /// Largest descriptor chain accepted (header + payload + slack for driver padding).
 const MAX_CHAIN_BYTES: u64 = (MAX_PKT_PAYLOAD + HDR_LEN + 4096) as u64;
 
@@ -63,6 +73,8 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     acked_features: u64,
     worker: Option<Worker<Option<UnixListener>>>,
+    host_buffered: HostBuffered,
+    host_buffer_limit: usize,
 }
 
 /// Bind the listener, replacing a stale socket file (one nobody listens on) but never a live one.
@@ -101,7 +113,21 @@ impl Vsock {
             listener: Some(listener),
             acked_features: 0,
             worker: None,
+            host_buffered: HostBuffered::default(),
+            host_buffer_limit: MAX_HOST_BUFFERED,
         })
+    }
+
+    /// Bound the bytes buffered for host peers across all connections (default [`MAX_HOST_BUFFERED`]).
+    /// Values below one packet ([`MAX_PKT_PAYLOAD`]) are raised to it, or the guest could never send.
+    pub fn with_host_buffer_limit(mut self, bytes: usize) -> Self {
+        self.host_buffer_limit = bytes.max(MAX_PKT_PAYLOAD);
+        self
+    }
+
+    /// Bytes currently buffered for host peers, all connections together.
+    pub fn host_buffered(&self) -> usize {
+        self.host_buffered.get()
     }
 
     /// The guest CID.
@@ -193,13 +219,20 @@ impl VirtioDevice for Vsock {
             )?;
         }
         // On failure the listener is gone; the next activation binds again.
-        let muxer = Muxer::new(self.cid, self.uds_path.clone(), listener, epoll)?;
+        let muxer = Muxer::new(
+            self.cid,
+            self.uds_path.clone(),
+            listener,
+            epoll,
+            self.host_buffered.clone(),
+        )?;
         let worker = VsockWorker {
             mem,
             interrupt,
             queues,
             muxer,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+            host_buffer_limit: self.host_buffer_limit,
         };
         self.worker = Some(Worker::spawn("capsa-vsock", move |kill| worker.run(kill))?);
         Ok(())
@@ -218,6 +251,7 @@ struct VsockWorker {
     queues: Vec<DeviceQueue>,
     muxer: Muxer,
     payload: Vec<u8>,
+    host_buffer_limit: usize,
 }
 
 impl VsockWorker {
@@ -269,11 +303,23 @@ impl VsockWorker {
         }
     }
 
-    /// Take every packet the guest queued.
+    /// Take the packets the guest queued, as long as one more cannot push the bytes buffered for host
+    /// peers over the limit; the rest wait in the queue until host peers read (the loop calls us again
+    /// after every socket event).
     fn process_tx(&mut self) {
         let mem = &self.mem;
         let mut hdr_buf = [0u8; HDR_LEN];
-        while let Some(chain) = self.queues[TXQ].pop(mem) {
+        loop {
+            if self.muxer.host_buffered() + MAX_PKT_PAYLOAD > self.host_buffer_limit {
+                tracing::debug!(
+                    buffered = self.muxer.host_buffered(),
+                    "vsock: host peers are behind; tx paused"
+                );
+                return;
+            }
+            let Some(chain) = self.queues[TXQ].pop(mem) else {
+                return;
+            };
             let head = chain.head_index();
             match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
                 Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.payload),

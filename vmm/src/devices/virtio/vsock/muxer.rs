@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::connection::{Connection, Handshake, State};
+use super::connection::{Connection, Handshake, HostBuffered, State};
 use super::packet::*;
 
 /// Most simultaneous connections (host- and guest-initiated together).
@@ -45,6 +45,8 @@ pub struct Muxer {
     rx_ready: VecDeque<u64>,
     /// RST replies to guest packets for no connection.
     rst_queue: VecDeque<Header>,
+    /// Bytes every connection holds for its host peer.
+    buffered: HostBuffered,
 }
 
 impl Muxer {
@@ -53,6 +55,7 @@ impl Muxer {
         uds_path: PathBuf,
         listener: UnixListener,
         epoll: Epoll,
+        buffered: HostBuffered,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         epoll.ctl(
@@ -71,6 +74,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             rx_ready: VecDeque::new(),
             rst_queue: VecDeque::new(),
+            buffered,
         })
     }
 
@@ -82,6 +86,11 @@ impl Muxer {
             EpollEvent::default(),
         );
         self.listener
+    }
+
+    /// Bytes buffered for host peers, all connections together.
+    pub fn host_buffered(&self) -> usize {
+        self.buffered.get()
     }
 
     pub fn epoll(&self) -> &Epoll {
@@ -177,7 +186,11 @@ impl Muxer {
                         crate::guest_warn!(error = %e, "vsock: cannot make host connection non-blocking");
                         continue;
                     }
-                    let conn = Connection::host_accepted(stream, Instant::now() + CONNECT_TIMEOUT);
+                    let conn = Connection::host_accepted(
+                        stream,
+                        Instant::now() + CONNECT_TIMEOUT,
+                        self.buffered.clone(),
+                    );
                     if let Some(t) = self.add_connection(conn) {
                         // Edge-triggered: the CONNECT line may already be there.
                         if let Some(c) = self.conns.get_mut(&t) {
@@ -331,7 +344,7 @@ impl Muxer {
                 return;
             }
         };
-        let mut conn = Connection::guest_initiated(stream, hdr);
+        let mut conn = Connection::guest_initiated(stream, hdr, self.buffered.clone());
         conn.host_readable = true;
         match self.add_connection(conn) {
             Some(t) => self.schedule(t),
