@@ -25,6 +25,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, ChainError, DeviceQueue};
-use super::worker::Worker;
+use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 pub use tap::{Tap, TapError};
@@ -370,8 +371,9 @@ impl NetWorker {
         }
         let mut events = [EpollEvent::default(); 8];
         loop {
-            self.process_tx();
-            self.process_rx();
+            if self.process_tx(&kill).is_break() || self.process_rx(&kill).is_break() {
+                return;
+            }
             self.rx.notify(&self.mem, &self.interrupt);
             self.tx.notify(&self.mem, &self.interrupt);
             self.update_tap_interest();
@@ -453,11 +455,18 @@ impl NetWorker {
         }
     }
 
-    fn process_tx(&mut self) {
+    /// Send the guest's frames until the queue is empty or the tap is full; breaks when the worker is told
+    /// to stop (checked between chains).
+    fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             if let Some((head, len)) = self.tx_pending {
                 match self.backend.write_frame(&self.tx_buf[..len]) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return ControlFlow::Continue(())
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Ok(_) => {
                         inc(&self.counters.tx_frames, 1);
@@ -472,7 +481,7 @@ impl NetWorker {
                 self.tx_pending = None;
             }
             let Some(chain) = self.tx.pop(&self.mem) else {
-                return;
+                return ControlFlow::Continue(());
             };
             let head = chain.head_index();
             match gather_tx(&self.mem, chain, &mut self.tx_buf) {
@@ -486,15 +495,20 @@ impl NetWorker {
         }
     }
 
-    fn process_rx(&mut self) {
+    /// Deliver tap frames while the guest has buffers; breaks when the worker is told to stop (checked
+    /// between frames).
+    fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             if self.rx_len.is_none() {
                 if self.tap_dead {
-                    return;
+                    return ControlFlow::Continue(());
                 }
                 // Only take a frame from the tap when the guest has a buffer for it.
                 if self.rx_held.is_empty() && !self.hold_rx_chain() {
-                    return;
+                    return ControlFlow::Continue(());
                 }
                 match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if n >= HDR_LEN => self.rx_len = Some(n.min(self.rx_buf.len())),
@@ -503,17 +517,19 @@ impl NetWorker {
                         crate::guest_warn!(len = n, "net: runt frame from the tap");
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return ControlFlow::Continue(())
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::error!(error = %e, "net: cannot read from the tap");
                         self.tap_failed("read failed");
-                        return;
+                        return ControlFlow::Continue(());
                     }
                 }
             }
             if !self.deliver_rx() {
-                return;
+                return ControlFlow::Continue(());
             }
         }
     }

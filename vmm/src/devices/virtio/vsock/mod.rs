@@ -18,6 +18,7 @@ mod packet;
 mod tests;
 
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, DeviceQueue};
-use super::worker::Worker;
+use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 use connection::HostBuffered;
@@ -270,8 +271,9 @@ impl VsockWorker {
         self.muxer.accept_all();
         loop {
             let timeout = loop {
-                self.process_tx();
-                self.process_rx();
+                if self.process_tx(&kill).is_break() || self.process_rx(&kill).is_break() {
+                    return Some(self.muxer.into_listener());
+                }
                 let (expired, timeout) = self.muxer.check_deadlines(Instant::now());
                 if !expired {
                     break timeout;
@@ -305,20 +307,23 @@ impl VsockWorker {
 
     /// Take the packets the guest queued, as long as one more cannot push the bytes buffered for host
     /// peers over the limit; the rest wait in the queue until host peers read (the loop calls us again
-    /// after every socket event).
-    fn process_tx(&mut self) {
+    /// after every socket event). Breaks when the worker is told to stop (checked between chains).
+    fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         let mut hdr_buf = [0u8; HDR_LEN];
         loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             if self.muxer.host_buffered() + MAX_PKT_PAYLOAD > self.host_buffer_limit {
                 tracing::debug!(
                     buffered = self.muxer.host_buffered(),
                     "vsock: host peers are behind; tx paused"
                 );
-                return;
+                return ControlFlow::Continue(());
             }
             let Some(chain) = self.queues[TXQ].pop(mem) else {
-                return;
+                return ControlFlow::Continue(());
             };
             let head = chain.head_index();
             match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
@@ -337,10 +342,14 @@ impl VsockWorker {
         }
     }
 
-    /// Fill rx buffers with whatever the host side has for the guest.
-    fn process_rx(&mut self) {
+    /// Fill rx buffers with whatever the host side has for the guest. Breaks when the worker is told to
+    /// stop (checked between chains).
+    fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         while self.muxer.has_rx() {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             let Some(chain) = self.queues[RXQ].pop(mem) else {
                 break;
             };
@@ -376,6 +385,7 @@ impl VsockWorker {
                 }
             }
         }
+        ControlFlow::Continue(())
     }
 }
 
