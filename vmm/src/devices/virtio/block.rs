@@ -9,11 +9,11 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, Segments};
+use super::chain::{Chain, RawChain, Segments};
 use super::worker::{serve_queue, Worker};
 use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::virtio::chain::DeviceQueue;
@@ -126,7 +126,7 @@ struct Disk {
 
 impl Disk {
     /// Serve one request; returns the used length (bytes written to the guest, status included).
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: RawChain) -> u32 {
         let chain = match Chain::parse(mem, chain, u64::from(u32::MAX)) {
             Ok(c) => c,
             Err(e) => {
@@ -331,7 +331,7 @@ impl VirtioDevice for Block {
             id: self.id,
             buf: vec![0u8; CHUNK],
         };
-        let queue = DeviceQueue::new(queue, event);
+        let queue = DeviceQueue::new(queue, event).with_features(self.acked_features);
         self.worker = Some(Worker::spawn("capsa-blk", move |kill| {
             serve_queue(kill, queue, mem, interrupt, "blk", |mem, chain| {
                 disk.handle(mem, chain)

@@ -21,9 +21,12 @@
 //! - [`Net::new(tap, mac, mtu)`](Net::new): virtio-net over a TAP interface ([`net::Tap::open`] by name or
 //!   [`net::Tap::from_fd`] for an inherited tap fd); one queue pair, emulated in user space.
 //!
-//! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
-//! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
-//! logged through `guest_warn!`/`guest_error!` (rate-limited per call site, `crate::log_limit`); guest-controlled values never panic or index out of bounds.
+//! Rules every device follows: descriptor chains are walked and validated first (`chain.rs`: inside guest
+//! memory, readable before writable, terminated, at most 256 descriptors and never more than the queue size,
+//! no indirect descriptors unless VIRTIO_RING_F_INDIRECT_DESC was negotiated, bounded length); an invalid
+//! chain is returned used with length 0 and logged through `guest_warn!`/`guest_error!` (rate-limited per
+//! call site, `crate::log_limit`), and the device goes on with the next chain; guest-controlled values never
+//! panic or index out of bounds. Workers check for a stop between chains (`worker::stop_requested`).
 
 pub mod block;
 mod chain;

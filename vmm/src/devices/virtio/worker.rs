@@ -8,11 +8,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::DescriptorChain;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::chain::DeviceQueue;
+use super::chain::{DeviceQueue, RawChain};
 use super::VirtioInterrupt;
 use crate::devices::GuestMemoryMmap;
 
@@ -85,7 +84,7 @@ pub fn serve_queue<F>(
     name: &str,
     mut handle: F,
 ) where
-    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    F: FnMut(&GuestMemoryMmap, RawChain) -> u32,
 {
     const KILL: u64 = 0;
     const QUEUE: u64 = 1;

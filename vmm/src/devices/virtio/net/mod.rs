@@ -34,7 +34,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, ChainError, DeviceQueue};
+use super::chain::{Chain, ChainError, DeviceQueue, RawChain};
 use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
@@ -279,8 +279,8 @@ impl VirtioDevice for Net {
                 self.backend.describe()
             ))
         })?;
-        let rx = DeviceQueue::new(rxq, rxe);
-        let tx = DeviceQueue::new(txq, txe);
+        let rx = DeviceQueue::new(rxq, rxe).with_features(self.acked_features);
+        let tx = DeviceQueue::new(txq, txe).with_features(self.acked_features);
         let epoll = Epoll::new()?;
         for (fd, token, events) in [
             (rx.event.as_raw_fd(), TOKEN_RXQ, EventSet::IN),
@@ -658,11 +658,7 @@ impl NetWorker {
 }
 
 /// Validate a tx chain and copy header + frame into `buf`; returns the length.
-fn gather_tx(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Result<usize, TxError> {
+fn gather_tx(mem: &GuestMemoryMmap, chain: RawChain, buf: &mut [u8]) -> Result<usize, TxError> {
     let chain = Chain::parse(mem, chain, MAX_PACKET_LEN as u64)?;
     if !chain.writable.is_empty() {
         return Err(TxError::Writable);

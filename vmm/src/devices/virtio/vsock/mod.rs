@@ -29,7 +29,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, DeviceQueue};
+use super::chain::{Chain, DeviceQueue, RawChain};
 use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
@@ -209,7 +209,7 @@ impl VirtioDevice for Vsock {
         };
         let queues: Vec<DeviceQueue> = queues
             .into_iter()
-            .map(|(q, e)| DeviceQueue::new(q, e))
+            .map(|(q, e)| DeviceQueue::new(q, e).with_features(self.acked_features))
             .collect();
         let epoll = Epoll::new()?;
         for (i, q) in queues.iter().enumerate() {
@@ -396,7 +396,7 @@ enum TxError {
 
 fn parse_tx(
     mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    chain: RawChain,
     hdr_buf: &mut [u8; HDR_LEN],
     payload: &mut Vec<u8>,
 ) -> Result<Header, TxError> {
