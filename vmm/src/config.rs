@@ -40,6 +40,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Longest virtio-blk id (VIRTIO_BLK_T_GET_ID answers 20 bytes, NUL-padded).
+pub const DISK_ID_MAX_LEN: usize = 20;
+
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,27 +50,62 @@ pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// The id the guest reads (VIRTIO_BLK_T_GET_ID, `/sys/block/vdX/serial`), 1..=20 printable ASCII
+    /// bytes; default `capsa-vdX` after the disk's name. Never derived from the host file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// `PATH[,readonly]`
+    /// `PATH[,readonly][,id=ID]` (options in any order)
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, readonly) = match s.rsplit_once(',') {
-            Some((p, "readonly")) | Some((p, "ro")) => (p, true),
-            Some((_, opt)) if !opt.contains('/') => {
-                return Err(format!("unknown disk option {opt:?} (only readonly)"))
+        let mut path = s;
+        let (mut readonly, mut id) = (false, None);
+        while let Some((p, opt)) = path.rsplit_once(',') {
+            match opt {
+                "readonly" | "ro" => readonly = true,
+                _ if opt.starts_with("id=") => id = Some(opt["id=".len()..].to_string()),
+                _ if !opt.contains('/') => {
+                    return Err(format!("unknown disk option {opt:?} (readonly, id=ID)"))
+                }
+                // A comma inside the path.
+                _ => break,
             }
-            _ => (s, false),
-        };
+            path = p;
+        }
         if path.is_empty() {
             return Err("empty disk path".into());
         }
-        Ok(Self {
+        let config = Self {
             path: PathBuf::from(path),
             readonly,
-        })
+            id,
+        };
+        config.check_id()?;
+        Ok(config)
+    }
+}
+
+impl DiskConfig {
+    /// Checks the id, if one is given.
+    pub fn check_id(&self) -> Result<(), String> {
+        let Some(id) = &self.id else {
+            return Ok(());
+        };
+        if id.is_empty() || id.len() > DISK_ID_MAX_LEN {
+            return Err(format!(
+                "disk id must be 1..={DISK_ID_MAX_LEN} bytes, not {} ({id:?})",
+                id.len()
+            ));
+        }
+        if id.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            return Err(format!(
+                "disk id {id:?} must be printable ASCII without spaces"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -438,6 +476,7 @@ impl VmConfig {
         }
         for d in &self.disks {
             check_file("disk", &d.path)?;
+            d.check_id().map_err(ConfigError::Invalid)?;
         }
         for (i, fs) in self.fs.iter().enumerate() {
             fs.check().map_err(ConfigError::Invalid)?;
@@ -526,7 +565,8 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     memory_mib   integer  8..=1048576 (default 128)
     vsock_cid    integer  guest CID (>= 3); needs vsock_uds
     vsock_uds    string   host Unix socket for hybrid vsock; needs vsock_cid; removed when the VMM exits
-    disks        array    [{"path": string, "readonly": bool (default false)}], virtio-blk vda, vdb, ...
+    disks        array    [{"path": string, "readonly": bool (default false), "id": string (default
+                           "capsa-vdX")}], virtio-blk vda, vdb, ...
     rng          bool     add a virtio-rng device
     console_log  string   file for the guest's serial output (default: stdout)
     console_limit integer most bytes of guest serial output kept (default 1048576, see --console-limit)
@@ -595,7 +635,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub vsock_uds: Option<PathBuf>,
     /// virtio-blk disk (raw image), repeatable: vda, vdb, ...
-    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=ID]")]
     pub disks: Vec<DiskConfig>,
     /// Add a virtio-rng device
     #[arg(long)]
@@ -708,18 +748,44 @@ mod tests {
             "/a.img".parse::<DiskConfig>().unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: false
+                readonly: false,
+                id: None
             }
         );
         assert_eq!(
             "/a.img,readonly".parse::<DiskConfig>().unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: true
+                readonly: true,
+                id: None
             }
         );
-        assert!("/a.img,rw".parse::<DiskConfig>().is_err());
-        assert!(",readonly".parse::<DiskConfig>().is_err());
+        assert_eq!(
+            "/x,y/a.img,id=rootfs-1,ro".parse::<DiskConfig>().unwrap(),
+            DiskConfig {
+                path: "/x,y/a.img".into(),
+                readonly: true,
+                id: Some("rootfs-1".into())
+            }
+        );
+        assert_eq!(
+            "/a.img,readonly,id=01234567890123456789"
+                .parse::<DiskConfig>()
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("01234567890123456789")
+        );
+        for bad in [
+            "/a.img,rw",
+            ",readonly",
+            "/a.img,id=",
+            "/a.img,id=012345678901234567890",
+            "/a.img,id=a b",
+            "/a.img,id=\u{e9}",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

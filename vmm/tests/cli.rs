@@ -166,7 +166,8 @@ fn json_and_flags_merge_with_flags_winning() {
         cfg.disks,
         vec![DiskConfig {
             path: disk.clone(),
-            readonly: true
+            readonly: true,
+            id: None
         }]
     );
     assert_eq!(

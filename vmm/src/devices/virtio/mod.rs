@@ -14,7 +14,8 @@
 //! - [`Vsock::new(cid, uds_path)`](Vsock::new): hybrid vsock; binds the Unix socket at once (a stale socket
 //!   file is replaced, a live one is an error) and removes it on drop. Host connections made before the guest
 //!   driver is up wait in the listen backlog.
-//! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512.
+//! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512; `.with_id(id)` sets
+//!   the GET_ID answer (the VMM passes `capsa-vdX` or the configured id, never anything of the host file).
 //! - [`Rng::new()`](Rng::new): entropy from the host's `/dev/urandom`.
 //! - [`Fs::new(&FsConfig)`](Fs::new): virtio-fs served by a vhost-user backend (virtiofsd); connects and
 //!   negotiates at once (no backend = error). Needs guest memory from `crate::memory::create(.., true)`.
