@@ -914,3 +914,51 @@ fn host_buffering_is_capped_across_connections_with_tx_backpressure() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn worker_stops_between_tx_and_rx_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut g = Guest::new(&mem);
+    let queues = [g.rx.device_side(), g.tx.device_side(), g._ev.device_side()]
+        .into_iter()
+        .map(|(q, e)| DeviceQueue::new(q, e))
+        .collect();
+    let listener = UnixListener::bind(&path).unwrap();
+    let buffered = HostBuffered::default();
+    let muxer = Muxer::new(CID, path.clone(), listener, Epoll::new().unwrap(), buffered).unwrap();
+    let mut worker = VsockWorker {
+        mem: mem.clone(),
+        interrupt: g.interrupt.clone(),
+        queues,
+        muxer,
+        payload: Vec::new(),
+        host_buffer_limit: MAX_HOST_BUFFERED,
+    };
+    let kill = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    // Three packets for ports nobody listens on: each gets an RST.
+    for port in 0..3 {
+        let bytes = gpkt(OP_REQUEST, 7000 + port, 6000, 65536, 0).to_bytes();
+        let a = g.bump.alloc(bytes.len() as u64);
+        write_bytes(&mem, a, &bytes);
+        g.tx.add(&[(a, bytes.len() as u32, false)]);
+    }
+    g.post_rx(3);
+    // Told to stop: not one chain is taken.
+    kill.write(1).unwrap();
+    assert!(worker.process_tx(&kill).is_break());
+    assert_eq!(g.tx.next_used(), None);
+    assert!(worker.process_tx(&kill).is_continue());
+    for _ in 0..3 {
+        assert!(g.tx.next_used().is_some());
+    }
+    // The RSTs wait for rx buffers; a stop comes first there too.
+    kill.write(1).unwrap();
+    assert!(worker.process_rx(&kill).is_break());
+    assert_eq!(g.rx.next_used(), None);
+    assert!(worker.process_rx(&kill).is_continue());
+    for _ in 0..3 {
+        assert_eq!(g.recv().0.op, OP_RST);
+    }
+}
