@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::MAX_VCPUS;
 
+pub use crate::devices::legacy::DEFAULT_CONSOLE_LIMIT;
+
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -38,6 +40,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Longest virtio-blk id (VIRTIO_BLK_T_GET_ID answers 20 bytes, NUL-padded).
+pub const DISK_ID_MAX_LEN: usize = 20;
+
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,27 +50,62 @@ pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// The id the guest reads (VIRTIO_BLK_T_GET_ID, `/sys/block/vdX/serial`), 1..=20 printable ASCII
+    /// bytes; default `capsa-vdX` after the disk's name. Never derived from the host file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// `PATH[,readonly]`
+    /// `PATH[,readonly][,id=ID]` (options in any order)
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, readonly) = match s.rsplit_once(',') {
-            Some((p, "readonly")) | Some((p, "ro")) => (p, true),
-            Some((_, opt)) if !opt.contains('/') => {
-                return Err(format!("unknown disk option {opt:?} (only readonly)"))
+        let mut path = s;
+        let (mut readonly, mut id) = (false, None);
+        while let Some((p, opt)) = path.rsplit_once(',') {
+            match opt {
+                "readonly" | "ro" => readonly = true,
+                _ if opt.starts_with("id=") => id = Some(opt["id=".len()..].to_string()),
+                _ if !opt.contains('/') => {
+                    return Err(format!("unknown disk option {opt:?} (readonly, id=ID)"))
+                }
+                // A comma inside the path.
+                _ => break,
             }
-            _ => (s, false),
-        };
+            path = p;
+        }
         if path.is_empty() {
             return Err("empty disk path".into());
         }
-        Ok(Self {
+        let config = Self {
             path: PathBuf::from(path),
             readonly,
-        })
+            id,
+        };
+        config.check_id()?;
+        Ok(config)
+    }
+}
+
+impl DiskConfig {
+    /// Checks the id, if one is given.
+    pub fn check_id(&self) -> Result<(), String> {
+        let Some(id) = &self.id else {
+            return Ok(());
+        };
+        if id.is_empty() || id.len() > DISK_ID_MAX_LEN {
+            return Err(format!(
+                "disk id must be 1..={DISK_ID_MAX_LEN} bytes, not {} ({id:?})",
+                id.len()
+            ));
+        }
+        if id.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            return Err(format!(
+                "disk id {id:?} must be printable ASCII without spaces"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -77,6 +117,10 @@ pub const DEFAULT_FS_QUEUES: u16 = 1;
 pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
 /// Most virtio-fs request queues (virtiofsd serves one thread per queue; keep it small).
 pub const MAX_FS_QUEUES: u16 = 16;
+
+fn default_console_limit() -> u64 {
+    DEFAULT_CONSOLE_LIMIT
+}
 
 fn default_fs_queues() -> u16 {
     DEFAULT_FS_QUEUES
@@ -352,6 +396,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// Guest serial output file; `None` = the VMM's stdout.
     pub console_log: Option<PathBuf>,
+    /// Most bytes of guest serial output written (to the file or stdout); the rest is dropped.
+    #[serde(default = "default_console_limit")]
+    pub console_limit: u64,
     /// virtio-fs devices (vhost-user); any of them makes guest memory a shared memfd.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
@@ -373,6 +420,7 @@ impl VmConfig {
             disks: vec![],
             rng: false,
             console_log: None,
+            console_limit: DEFAULT_CONSOLE_LIMIT,
             fs: vec![],
             net: vec![],
         }
@@ -428,6 +476,7 @@ impl VmConfig {
         }
         for d in &self.disks {
             check_file("disk", &d.path)?;
+            d.check_id().map_err(ConfigError::Invalid)?;
         }
         for (i, fs) in self.fs.iter().enumerate() {
             fs.check().map_err(ConfigError::Invalid)?;
@@ -501,6 +550,7 @@ pub struct ConfigFile {
     pub disks: Option<Vec<DiskConfig>>,
     pub rng: Option<bool>,
     pub console_log: Option<PathBuf>,
+    pub console_limit: Option<u64>,
     pub fs: Option<Vec<FsConfig>>,
     pub net: Option<Vec<NetConfig>>,
 }
@@ -515,9 +565,11 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     memory_mib   integer  8..=1048576 (default 128)
     vsock_cid    integer  guest CID (>= 3); needs vsock_uds
     vsock_uds    string   host Unix socket for hybrid vsock; needs vsock_cid; removed when the VMM exits
-    disks        array    [{"path": string, "readonly": bool (default false)}], virtio-blk vda, vdb, ...
+    disks        array    [{"path": string, "readonly": bool (default false), "id": string (default
+                           "capsa-vdX")}], virtio-blk vda, vdb, ...
     rng          bool     add a virtio-rng device
     console_log  string   file for the guest's serial output (default: stdout)
+    console_limit integer most bytes of guest serial output kept (default 1048576, see --console-limit)
     fs           array    [{"tag": string, "socket": string, "queues": int (default 1),
                            "queue_size": int (default 1024)}], virtio-fs through a vhost-user backend
     net          array    [{"tap": string | "fd": int, "mac": string, "mtu": int}], virtio-net (see --net)
@@ -541,6 +593,11 @@ VIRTIO-NET (--net tap=NAME[,mac=MAC][,mtu=N] or --net fd=N[,mac=MAC][,mtu=N])
   mac=aa:bb:cc:dd:ee:ff is the guest's address (unicast; default: random, locally administered); mtu=N
   (68..=65535) is offered to the guest, whose stack then uses it. The host side (addresses, bridge, MTU of
   the tap) is the caller's job. Emulated in user space, one queue pair.
+
+CONSOLE (--console-log FILE, --console-limit BYTES)
+  The guest's COM1 output goes to FILE (truncated at start) or stdout. At most BYTES bytes of it are written
+  (default 1048576); then one line "[capsa-vmm: console log limit of BYTES bytes reached; further output
+  dropped]" is added, the rest is dropped, and the number of dropped bytes is logged (warn) when the VMM exits.
 
 EXIT STATUS
   0  the guest stopped itself (i8042 reset, e.g. `reboot=k` reboot/poweroff; triple fault) or SIGTERM/SIGINT
@@ -578,7 +635,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub vsock_uds: Option<PathBuf>,
     /// virtio-blk disk (raw image), repeatable: vda, vdb, ...
-    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=ID]")]
     pub disks: Vec<DiskConfig>,
     /// Add a virtio-rng device
     #[arg(long)]
@@ -595,6 +652,10 @@ pub struct Cli {
     /// File for the guest's serial output [default: stdout]
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
+    /// Most bytes of guest serial output written; then one notice line, the rest is dropped and counted
+    /// [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub console_limit: Option<u64>,
     /// JSON file with the same settings; flags override it
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
@@ -660,6 +721,10 @@ pub fn merge(file: ConfigFile, cli: Cli) -> Result<VmConfig, ConfigError> {
         },
         rng: cli.rng || file.rng.unwrap_or(false),
         console_log: cli.console_log.or(file.console_log),
+        console_limit: cli
+            .console_limit
+            .or(file.console_limit)
+            .unwrap_or(DEFAULT_CONSOLE_LIMIT),
         fs: if cli.fs.is_empty() {
             file.fs.unwrap_or_default()
         } else {
@@ -683,18 +748,44 @@ mod tests {
             "/a.img".parse::<DiskConfig>().unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: false
+                readonly: false,
+                id: None
             }
         );
         assert_eq!(
             "/a.img,readonly".parse::<DiskConfig>().unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: true
+                readonly: true,
+                id: None
             }
         );
-        assert!("/a.img,rw".parse::<DiskConfig>().is_err());
-        assert!(",readonly".parse::<DiskConfig>().is_err());
+        assert_eq!(
+            "/x,y/a.img,id=rootfs-1,ro".parse::<DiskConfig>().unwrap(),
+            DiskConfig {
+                path: "/x,y/a.img".into(),
+                readonly: true,
+                id: Some("rootfs-1".into())
+            }
+        );
+        assert_eq!(
+            "/a.img,readonly,id=01234567890123456789"
+                .parse::<DiskConfig>()
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("01234567890123456789")
+        );
+        for bad in [
+            "/a.img,rw",
+            ",readonly",
+            "/a.img,id=",
+            "/a.img,id=012345678901234567890",
+            "/a.img,id=a b",
+            "/a.img,id=\u{e9}",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod layout;
+pub mod log_limit;
 pub mod memory;
 pub mod vcpu;
 pub mod virtio_wiring;

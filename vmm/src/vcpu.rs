@@ -145,7 +145,7 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<VmEv
                     message: "guest crashed (KVM system event)".into(),
                 })
             }
-            other => warn!("vcpu {id}: ignoring system event {other}"),
+            other => crate::guest_warn!("vcpu {id}: ignoring system event {other}"),
         },
         VcpuExit::FailEntry(reason, cpu) => {
             return Some(VmEvent::Error {

@@ -23,12 +23,16 @@ fn device_err(name: &str, e: impl std::fmt::Display) -> Error {
 pub fn create_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::with_capacity(config.virtio_device_count());
     for (i, disk) in config.disks.iter().enumerate() {
-        let name = format!(
-            "block vd{} ({})",
-            (b'a' + (i % 26) as u8) as char,
-            disk.path.display()
-        );
-        let dev = Block::new(&disk.path, disk.readonly).map_err(|e| device_err(&name, e))?;
+        let letter = (b'a' + (i % 26) as u8) as char;
+        let name = format!("block vd{letter} ({})", disk.path.display());
+        // The guest-visible id never comes from the host file (its inode would leak).
+        let id = disk
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("capsa-vd{letter}"));
+        let dev = Block::new(&disk.path, disk.readonly)
+            .map_err(|e| device_err(&name, e))?
+            .with_id(&id);
         devices.push((name, Box::new(dev)));
     }
     if let Some(v) = &config.vsock {

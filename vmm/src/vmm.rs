@@ -218,7 +218,11 @@ impl Vmm {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_out,
+            config.console_limit,
+        )));
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
 
         let reset_tx = Mutex::new(events_tx.clone());
@@ -391,6 +395,7 @@ impl Vmm {
         };
         let stopped = stop_threads(&stop_vcpus, threads);
         self.remove_vsock_socket();
+        self.report_console_drops();
         let reason = outcome?;
         stopped?;
         info!("VM stopped: {reason:?}");
@@ -411,6 +416,23 @@ impl Vmm {
                 // We hold a sender ourselves, so this does not happen; treat it as a stop.
                 Err(RecvTimeoutError::Disconnected) => return Ok(ExitReason::Stopped),
             }
+        }
+    }
+
+    /// One line at exit if guest console output went over `--console-limit`.
+    fn report_console_drops(&self) {
+        let Ok(serial) = self.serial.lock() else {
+            return;
+        };
+        let stats = serial.console_stats();
+        let dropped = stats.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            warn!(
+                limit = self.config.console_limit,
+                written = stats.written.load(Ordering::Relaxed),
+                dropped,
+                "guest console output over the limit was dropped"
+            );
         }
     }
 

@@ -140,7 +140,8 @@ fn json_and_flags_merge_with_flags_winning() {
     let json = dir.path().join("c.json");
     let text = serde_json::json!({
         "kernel": "/nonexistent", "cmdline": "console=ttyS0", "vcpus": 2, "memory_mib": 64, "rng": true,
-        "disks": [{"path": "/nonexistent.img"}], "console_log": "/tmp/from-json.log"
+        "disks": [{"path": "/nonexistent.img"}], "console_log": "/tmp/from-json.log",
+        "console_limit": 4096
     });
     std::fs::write(&json, text.to_string()).unwrap();
     let cli = Cli::try_parse_from([
@@ -165,13 +166,15 @@ fn json_and_flags_merge_with_flags_winning() {
         cfg.disks,
         vec![DiskConfig {
             path: disk.clone(),
-            readonly: true
+            readonly: true,
+            id: None
         }]
     );
     assert_eq!(
         cfg.console_log.as_deref(),
         Some(Path::new("/tmp/from-json.log"))
     );
+    assert_eq!(cfg.console_limit, 4096);
 
     // Without --kernel the JSON's (missing) kernel is used and rejected.
     let cli = Cli::try_parse_from(["capsa-vmm", "--config", json.to_str().unwrap()]).unwrap();
@@ -199,6 +202,51 @@ fn guest_reset_exits_0_with_output_in_the_console_log() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
     assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn console_log_is_capped_with_a_notice_and_the_drop_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = hello_kernel(dir.path());
+    let log = dir.path().join("console.log");
+    let o = run(&[
+        "--kernel",
+        &k,
+        "--memory-mib",
+        "32",
+        "--console-log",
+        log.to_str().unwrap(),
+        "--console-limit",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hel\n[capsa-vmm: console log limit of 3 bytes reached; further output dropped]\n"
+    );
+    // Fields may be coloured: drop the escape sequences before looking for `dropped=3`.
+    let e = stderr(&o);
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in e.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (false, c) => plain.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    assert!(plain.contains("dropped=3"), "{e}");
+    // Without the flag the default (1 MiB) applies.
+    assert_eq!(
+        Cli::try_parse_from(["capsa-vmm", "--kernel", &k])
+            .unwrap()
+            .into_config()
+            .unwrap()
+            .console_limit,
+        1 << 20
+    );
+    assert!(Cli::try_parse_from(["capsa-vmm", "--console-limit", "-1"]).is_err());
 }
 
 #[test]

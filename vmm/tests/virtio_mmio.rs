@@ -153,10 +153,12 @@ fn configured_devices_get_windows_gsis_and_cmdline_entries_in_order() {
         capsa_vmm::DiskConfig {
             path: disk_a,
             readonly: false,
+            id: None,
         },
         capsa_vmm::DiskConfig {
             path: disk_b,
             readonly: true,
+            id: None,
         },
     ];
     cfg.vsock = Some(capsa_vmm::VsockConfig {

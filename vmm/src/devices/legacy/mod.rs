@@ -11,4 +11,4 @@ pub use boot_timer::BootTimer;
 pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use ignored::Ignored;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, DEFAULT_CONSOLE_LIMIT};

@@ -5,15 +5,15 @@
 //! a bounded bounce buffer, so a request of any size costs at most `CHUNK` bytes of host memory.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, Segments};
+use super::chain::{Chain, RawChain, Segments};
 use super::worker::{serve_queue, Worker};
 use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::virtio::chain::DeviceQueue;
@@ -40,6 +40,17 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = 20;
+/// The id of a disk nobody named.
+pub const DEFAULT_ID: &str = "capsa-disk";
+
+/// `id` NUL-padded (or cut) to the GET_ID answer's length.
+fn id_bytes(id: &str) -> [u8; ID_LEN] {
+    let mut out = [0u8; ID_LEN];
+    let n = id.len().min(ID_LEN);
+    out[..n].copy_from_slice(&id.as_bytes()[..n]);
+    out
+}
+
 /// Request header: type u32, reserved u32, sector u64.
 const HDR_LEN: usize = 16;
 /// Bounce buffer size.
@@ -86,11 +97,6 @@ impl Block {
             source,
         })?;
         let capacity = meta.len() / SECTOR_SIZE;
-        // Serial: derived from the image's device and inode, stable for the file.
-        let serial = format!("capsa{:x}{:x}", meta.dev(), meta.ino());
-        let mut id = [0u8; ID_LEN];
-        let n = serial.len().min(ID_LEN);
-        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let mut config = [0u8; 16];
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
         // size_max (unused, feature not offered) then seg_max.
@@ -99,11 +105,24 @@ impl Block {
             file,
             read_only,
             capacity,
-            id,
+            id: id_bytes(DEFAULT_ID),
             config,
             acked_features: 0,
             worker: None,
         })
+    }
+
+    /// Set the id the guest reads with GET_ID (at most [`ID_LEN`] bytes are used). Nothing about the host
+    /// file (path, device, inode) goes into it: the default is [`DEFAULT_ID`], the VMM passes `capsa-vdX`
+    /// or the configured id.
+    pub fn with_id(mut self, id: &str) -> Self {
+        self.id = id_bytes(id);
+        self
+    }
+
+    /// The GET_ID answer.
+    pub fn id(&self) -> [u8; ID_LEN] {
+        self.id
     }
 
     /// Capacity in 512-byte sectors.
@@ -126,11 +145,11 @@ struct Disk {
 
 impl Disk {
     /// Serve one request; returns the used length (bytes written to the guest, status included).
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: RawChain) -> u32 {
         let chain = match Chain::parse(mem, chain, u64::from(u32::MAX)) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "blk: bad descriptor chain");
+                crate::guest_warn!(error = %e, "blk: bad descriptor chain");
                 return 0;
             }
         };
@@ -141,12 +160,12 @@ impl Disk {
             .checked_sub(1)
             .and_then(|p| chain.writable.addr_of(p))
         else {
-            tracing::warn!(head = chain.head, "blk: request without a status byte");
+            crate::guest_warn!(head = chain.head, "blk: request without a status byte");
             return 0;
         };
         let (status, data_written) = self.execute(mem, &chain);
         if let Err(e) = mem.write_obj(status, status_addr) {
-            tracing::warn!(error = %e, "blk: cannot write status");
+            crate::guest_warn!(error = %e, "blk: cannot write status");
             return 0;
         }
         data_written.saturating_add(1)
@@ -159,7 +178,7 @@ impl Disk {
         match rd.read(mem, &mut hdr) {
             Ok(HDR_LEN) => {}
             _ => {
-                tracing::warn!("blk: request header too short");
+                crate::guest_warn!("blk: request header too short");
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
         }
@@ -177,7 +196,7 @@ impl Disk {
                 match self.read_to_guest(mem, &chain.writable, offset, out_room) {
                     Ok(n) => (VIRTIO_BLK_S_OK, n),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector, "blk: read failed");
+                        crate::guest_warn!(error = %e, sector, "blk: read failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -193,7 +212,7 @@ impl Disk {
                 match self.write_from_guest(mem, rd, offset) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector, "blk: write failed");
+                        crate::guest_warn!(error = %e, sector, "blk: write failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -205,7 +224,7 @@ impl Disk {
                 match self.file.sync_data() {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!(error = %e, "blk: flush failed");
+                        crate::guest_warn!(error = %e, "blk: flush failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -227,13 +246,13 @@ impl Disk {
     /// Byte offset of `sector` if `len` bytes from there are whole sectors inside the disk.
     fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
         if !len.is_multiple_of(SECTOR_SIZE) {
-            tracing::warn!(len, "blk: request length is not whole sectors");
+            crate::guest_warn!(len, "blk: request length is not whole sectors");
             return None;
         }
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
         if end > self.capacity_bytes {
-            tracing::warn!(sector, len, "blk: request beyond the end of the disk");
+            crate::guest_warn!(sector, len, "blk: request beyond the end of the disk");
             return None;
         }
         Some(offset)
@@ -311,7 +330,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "blk: guest write to config space ignored");
+        crate::guest_warn!(offset, "blk: guest write to config space ignored");
     }
 
     fn activate(
@@ -331,7 +350,7 @@ impl VirtioDevice for Block {
             id: self.id,
             buf: vec![0u8; CHUNK],
         };
-        let queue = DeviceQueue::new(queue, event);
+        let queue = DeviceQueue::new(queue, event).with_features(self.acked_features);
         self.worker = Some(Worker::spawn("capsa-blk", move |kill| {
             serve_queue(kill, queue, mem, interrupt, "blk", |mem, chain| {
                 disk.handle(mem, chain)
@@ -511,7 +530,7 @@ mod tests {
             21
         );
         assert_eq!(d.status(st), VIRTIO_BLK_S_OK);
-        assert!(read_bytes(&mem, b, 20).starts_with(b"capsa"));
+        assert_eq!(read_bytes(&mem, b, 20), id_bytes(DEFAULT_ID));
 
         // Last sector is readable; the partial tail past it is not exposed.
         let h = d.hdr(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
@@ -659,5 +678,59 @@ mod tests {
             (1 << 20) + 1
         );
         assert_eq!(read_bytes(&mem, b, 1 << 20), data);
+    }
+
+    #[test]
+    fn get_id_is_the_configured_id_and_never_the_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let img = image();
+        let meta = std::fs::metadata(img.path()).unwrap();
+        let mem = test_mem();
+        let mut dev = Block::new(img.path(), false).unwrap().with_id("rootfs-1");
+        let q = TestQueue::new(&mem, 0, QUEUE_SIZE);
+        let irq = Arc::new(VirtioInterrupt::new().unwrap());
+        dev.activate(mem.clone(), irq, vec![q.device_side()])
+            .unwrap();
+        let mut d = Drv {
+            mem: &mem,
+            q,
+            bump: Bump::new(),
+        };
+        let h = d.hdr(VIRTIO_BLK_T_GET_ID, 0);
+        let b = d.bump.alloc(20);
+        let st = d.status_buf();
+        assert_eq!(
+            d.submit(&[(h, 16, false), (b, 20, true), (st, 1, true)]).1,
+            21
+        );
+        assert_eq!(d.status(st), VIRTIO_BLK_S_OK);
+        let id = read_bytes(&mem, b, 20);
+        assert_eq!(&id[..8], b"rootfs-1");
+        assert!(id[8..].iter().all(|&x| x == 0));
+        // Whatever the id, nothing of the host file is in it: not its inode, not its device.
+        for dev_id in [
+            Block::new(img.path(), true).unwrap().id(),
+            dev.id(),
+            Block::new(img.path(), true)
+                .unwrap()
+                .with_id("a-very-long-disk-id-cut-at-20")
+                .id(),
+        ] {
+            let text = String::from_utf8_lossy(&dev_id).into_owned();
+            for leak in [
+                format!("{:x}", meta.ino()),
+                meta.ino().to_string(),
+                format!("{:x}{:x}", meta.dev(), meta.ino()),
+            ] {
+                assert!(!text.contains(&leak), "id {text:?} contains {leak}");
+            }
+        }
+        assert_eq!(
+            &Block::new(img.path(), true)
+                .unwrap()
+                .with_id("a-very-long-disk-id-cut-at-20")
+                .id(),
+            b"a-very-long-disk-id-"
+        );
     }
 }

@@ -382,7 +382,7 @@ impl VirtioDevice for Fs {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             tag = self.tag,
             offset,
             len = data.len(),

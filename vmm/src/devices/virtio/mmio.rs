@@ -213,7 +213,7 @@ impl MmioTransport {
                 if self.status & STATUS_DRIVER == 0
                     || self.status & (STATUS_FEATURES_OK | STATUS_FAILED) != 0
                 {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         status = self.status,
                         "virtio-mmio: feature write in wrong state ignored"
                     );
@@ -224,7 +224,7 @@ impl MmioTransport {
                     1 => set_high(&mut self.acked_features, v),
                     _ => {
                         if v != 0 {
-                            tracing::warn!(
+                            crate::guest_warn!(
                                 sel = self.driver_features_sel,
                                 "virtio-mmio: unknown features acked"
                             )
@@ -254,7 +254,7 @@ impl MmioTransport {
 
     fn write_queue_reg(&mut self, offset: u64, v: u32) {
         if !self.queue_config_writable() {
-            tracing::warn!(
+            crate::guest_warn!(
                 offset,
                 status = self.status,
                 "virtio-mmio: queue register write in wrong state ignored"
@@ -262,7 +262,7 @@ impl MmioTransport {
             return;
         }
         let Some(q) = self.selected_queue() else {
-            tracing::warn!(
+            crate::guest_warn!(
                 offset,
                 "virtio-mmio: queue register write for a queue that does not exist"
             );
@@ -273,7 +273,7 @@ impl MmioTransport {
             return;
         }
         if q.ready {
-            tracing::warn!(
+            crate::guest_warn!(
                 offset,
                 "virtio-mmio: write to a ready queue's configuration ignored"
             );
@@ -283,7 +283,7 @@ impl MmioTransport {
             REG_QUEUE_NUM => {
                 // Split virtqueues: a power of two no larger than the maximum.
                 if v == 0 || v > u32::from(q.max_size) || !v.is_power_of_two() {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         size = v,
                         max = q.max_size,
                         "virtio-mmio: bad queue size ignored"
@@ -307,10 +307,12 @@ impl MmioTransport {
         match self.queue_events.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    tracing::warn!(error = %e, "virtio-mmio: cannot signal queue event");
+                    crate::guest_warn!(error = %e, "virtio-mmio: cannot signal queue event");
                 }
             }
-            None => tracing::warn!(index, "virtio-mmio: notify for a queue that does not exist"),
+            None => {
+                crate::guest_warn!(index, "virtio-mmio: notify for a queue that does not exist")
+            }
         }
     }
 
@@ -320,12 +322,12 @@ impl MmioTransport {
             return;
         }
         if self.status & STATUS_DEVICE_NEEDS_RESET != 0 && v & STATUS_FAILED == 0 {
-            tracing::warn!("virtio-mmio: device needs reset; status write ignored");
+            crate::guest_warn!("virtio-mmio: device needs reset; status write ignored");
             return;
         }
         // The driver only ever adds bits (besides reset).
         if v & self.status != self.status {
-            tracing::warn!(
+            crate::guest_warn!(
                 old = self.status,
                 new = v,
                 "virtio-mmio: status write clears bits; ignored"
@@ -345,7 +347,7 @@ impl MmioTransport {
                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
             )
         {
-            tracing::warn!(
+            crate::guest_warn!(
                 old = self.status,
                 new = v,
                 "virtio-mmio: status bits set out of order; ignored"
@@ -358,7 +360,7 @@ impl MmioTransport {
                 self.device.set_acked_features(self.acked_features);
                 new |= STATUS_FEATURES_OK;
             } else {
-                tracing::warn!(
+                crate::guest_warn!(
                     acked = self.acked_features,
                     offered = self.device.avail_features(),
                     "virtio-mmio: driver features refused"
@@ -386,7 +388,7 @@ impl MmioTransport {
             let queue = match cfg.to_queue() {
                 Some(q) if !cfg.ready || q.is_valid(&self.mem) => q,
                 _ => {
-                    tracing::error!(
+                    crate::guest_error!(
                         queue = i,
                         "virtio-mmio: invalid queue configuration at DRIVER_OK"
                     );
@@ -397,7 +399,7 @@ impl MmioTransport {
             let evt = match self.queue_events.get(i).map(EventFd::try_clone) {
                 Some(Ok(e)) => e,
                 _ => {
-                    tracing::error!(queue = i, "virtio-mmio: cannot clone queue eventfd");
+                    crate::guest_error!(queue = i, "virtio-mmio: cannot clone queue eventfd");
                     self.needs_reset();
                     return;
                 }
@@ -413,7 +415,7 @@ impl MmioTransport {
                 self.status |= STATUS_DRIVER_OK;
             }
             Err(e) => {
-                tracing::error!(error = %e, device = self.device.device_type(), "virtio-mmio: activation failed");
+                crate::guest_error!(error = %e, device = self.device.device_type(), "virtio-mmio: activation failed");
                 self.needs_reset();
             }
         }
@@ -423,14 +425,14 @@ impl MmioTransport {
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         if let Err(e) = self.interrupt.signal_config_change() {
-            tracing::warn!(error = %e, "virtio-mmio: cannot signal config change");
+            crate::guest_warn!(error = %e, "virtio-mmio: cannot signal config change");
         }
     }
 
     fn reset(&mut self) {
         if self.activated {
             if !self.device.reset() {
-                tracing::warn!(
+                crate::guest_warn!(
                     device = self.device.device_type(),
                     "virtio-mmio: device cannot be reset"
                 );

@@ -14,16 +14,20 @@
 //! - [`Vsock::new(cid, uds_path)`](Vsock::new): hybrid vsock; binds the Unix socket at once (a stale socket
 //!   file is replaced, a live one is an error) and removes it on drop. Host connections made before the guest
 //!   driver is up wait in the listen backlog.
-//! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512.
+//! - [`Block::new(path, read_only)`](Block::new): raw image; capacity = file size / 512; `.with_id(id)` sets
+//!   the GET_ID answer (the VMM passes `capsa-vdX` or the configured id, never anything of the host file).
 //! - [`Rng::new()`](Rng::new): entropy from the host's `/dev/urandom`.
 //! - [`Fs::new(&FsConfig)`](Fs::new): virtio-fs served by a vhost-user backend (virtiofsd); connects and
 //!   negotiates at once (no backend = error). Needs guest memory from `crate::memory::create(.., true)`.
 //! - [`Net::new(tap, mac, mtu)`](Net::new): virtio-net over a TAP interface ([`net::Tap::open`] by name or
 //!   [`net::Tap::from_fd`] for an inherited tap fd); one queue pair, emulated in user space.
 //!
-//! Rules every device follows: descriptor chains are validated first (`chain.rs`: inside guest memory,
-//! readable before writable, terminated, bounded length); an invalid chain is returned used with length 0 and
-//! logged; guest-controlled values never panic or index out of bounds.
+//! Rules every device follows: descriptor chains are walked and validated first (`chain.rs`: inside guest
+//! memory, readable before writable, terminated, at most 256 descriptors and never more than the queue size,
+//! no indirect descriptors unless VIRTIO_RING_F_INDIRECT_DESC was negotiated, bounded length); an invalid
+//! chain is returned used with length 0 and logged through `guest_warn!`/`guest_error!` (rate-limited per
+//! call site, `crate::log_limit`), and the device goes on with the next chain; guest-controlled values never
+//! panic or index out of bounds. Workers check for a stop between chains (`worker::stop_requested`).
 
 pub mod block;
 mod chain;

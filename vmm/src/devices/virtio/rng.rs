@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, DeviceQueue};
+use super::chain::{Chain, DeviceQueue, RawChain};
 use super::worker::{serve_queue, Worker};
 use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
@@ -42,21 +42,16 @@ impl Rng {
 }
 
 /// Serve one request; returns the number of bytes written.
-fn fill(
-    source: &mut File,
-    buf: &mut [u8],
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> u32 {
+fn fill(source: &mut File, buf: &mut [u8], mem: &GuestMemoryMmap, chain: RawChain) -> u32 {
     let chain = match Chain::parse(mem, chain, u64::from(u32::MAX)) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "rng: bad descriptor chain");
+            crate::guest_warn!(error = %e, "rng: bad descriptor chain");
             return 0;
         }
     };
     if !chain.readable.is_empty() {
-        tracing::warn!(
+        crate::guest_warn!(
             head = chain.head,
             "rng: request has device-readable descriptors"
         );
@@ -67,13 +62,13 @@ fn fill(
         .min(buf.len());
     let buf = &mut buf[..n];
     if let Err(e) = source.read_exact(buf) {
-        tracing::error!(error = %e, "rng: cannot read host entropy");
+        crate::guest_error!(error = %e, "rng: cannot read host entropy");
         return 0;
     }
     match chain.writable.cursor().write(mem, buf) {
         Ok(w) => w as u32,
         Err(e) => {
-            tracing::warn!(error = %e, "rng: cannot write guest buffer");
+            crate::guest_warn!(error = %e, "rng: cannot write guest buffer");
             0
         }
     }
@@ -101,7 +96,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "rng: guest write to config space ignored");
+        crate::guest_warn!(offset, "rng: guest write to config space ignored");
     }
 
     fn activate(
@@ -115,7 +110,7 @@ impl VirtioDevice for Rng {
         }
         let (queue, event) = single_queue(queues)?;
         let mut source = self.source.try_clone()?;
-        let queue = DeviceQueue::new(queue, event);
+        let queue = DeviceQueue::new(queue, event).with_features(self.acked_features);
         self.worker = Some(Worker::spawn("capsa-rng", move |kill| {
             let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
             serve_queue(kill, queue, mem, interrupt, "rng", |mem, chain| {
@@ -137,6 +132,9 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use vm_memory::ByteValued;
 
     use super::*;
     use crate::devices::virtio::test_utils::*;
@@ -234,5 +232,42 @@ mod tests {
         q.kick();
         std::thread::sleep(Duration::from_millis(50));
         assert!(dev.reset(), "worker still responsive");
+    }
+
+    #[test]
+    fn indirect_and_overlong_chains_are_refused_and_the_device_keeps_serving() {
+        let mem = test_mem();
+        // A queue larger than the chain cap, so that the cap, not the queue size, refuses the long chain.
+        let mut dev = Rng::new().unwrap();
+        let mut q = TestQueue::new(&mem, 0, 512);
+        let irq = Arc::new(VirtioInterrupt::new().unwrap());
+        dev.activate(mem.clone(), irq, vec![q.device_side()])
+            .unwrap();
+        let mut b = Bump::new();
+        let (table, buf) = (b.alloc(16), b.alloc(4096));
+        // An indirect chain (the feature is not even offered): refused, the buffer untouched.
+        write_bytes(
+            &mem,
+            table,
+            RawDescriptor::from(SplitDescriptor::new(buf, 64, 2, 0)).as_slice(),
+        );
+        let head = q.reserve(1);
+        q.store(head, table, 16, 4, 0);
+        q.publish(head);
+        q.kick();
+        assert_eq!(q.wait_used(T), Some((u32::from(head), 0)));
+        assert!(read_bytes(&mem, buf, 64).iter().all(|&x| x == 0));
+        // One descriptor more than the cap: refused, nothing written.
+        let n = usize::from(crate::devices::virtio::chain::MAX_CHAIN_DESCRIPTORS);
+        let head = q.add(&vec![(buf, 8, true); n + 1]);
+        assert_eq!(q.wait_used(T), Some((u32::from(head), 0)));
+        assert!(read_bytes(&mem, buf, 64).iter().all(|&x| x == 0));
+        // At the cap: served.
+        let head = q.add(&vec![(buf, 8, true); n]);
+        assert_eq!(q.wait_used(T), Some((u32::from(head), 8 * n as u32)));
+        // And a plain request after all that.
+        let head = q.add(&[(buf + 1024, 32, true)]);
+        assert_eq!(q.wait_used(T), Some((u32::from(head), 32)));
+        assert!(read_bytes(&mem, buf + 1024, 32).iter().any(|&x| x != 0));
     }
 }

@@ -12,7 +12,7 @@
 //! - TX: each chain is validated (device-readable only, header + Ethernet header ..= header + 65550 bytes),
 //!   copied into one reusable buffer and written to the tap with one `write`. When the tap answers EAGAIN the
 //!   frame is kept, no further chain is taken, and the worker waits for EPOLLOUT on the tap. Invalid chains
-//!   are returned with length 0, counted in `tx_dropped` and logged (rate-limited).
+//!   are returned with length 0, counted in `tx_dropped` and logged (rate-limited, `crate::log_limit`).
 //! - RX: a frame is read from the tap only after the guest has posted a buffer for it; with no buffer the tap
 //!   is not polled for input at all (the kernel queues, or drops, what arrives), and an rx kick resumes. The
 //!   device holds at most one frame. With `MRG_RXBUF` a frame is spread over as many chains as it needs and
@@ -25,17 +25,17 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, ChainError, DeviceQueue};
-use super::worker::Worker;
+use super::chain::{Chain, ChainError, DeviceQueue, RawChain};
+use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 pub use tap::{Tap, TapError};
@@ -253,7 +253,7 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "net: guest write to read-only config space ignored");
+        crate::guest_warn!(offset, "net: guest write to read-only config space ignored");
     }
 
     fn activate(
@@ -279,8 +279,8 @@ impl VirtioDevice for Net {
                 self.backend.describe()
             ))
         })?;
-        let rx = DeviceQueue::new(rxq, rxe);
-        let tx = DeviceQueue::new(txq, txe);
+        let rx = DeviceQueue::new(rxq, rxe).with_features(self.acked_features);
+        let tx = DeviceQueue::new(txq, txe).with_features(self.acked_features);
         let epoll = Epoll::new()?;
         for (fd, token, events) in [
             (rx.event.as_raw_fd(), TOKEN_RXQ, EventSet::IN),
@@ -305,8 +305,6 @@ impl VirtioDevice for Net {
             rx_held: VecDeque::new(),
             tx_buf: vec![0u8; MAX_PACKET_LEN],
             tx_pending: None,
-            rx_log: LogLimiter::default(),
-            tx_log: LogLimiter::default(),
         };
         tracing::debug!(
             backend = %self.backend.describe(),
@@ -322,32 +320,6 @@ impl VirtioDevice for Net {
         self.stop_worker();
         self.acked_features = 0;
         true
-    }
-}
-
-/// At most one warning per second per kind; the rest are counted and reported with the next one.
-#[derive(Default)]
-struct LogLimiter {
-    next: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PERIOD: Duration = Duration::from_secs(1);
-
-    /// `Some(suppressed since the last one)` when a message may be logged now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.next {
-            Some(t) if now < t => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.next = Some(now + Self::PERIOD);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
     }
 }
 
@@ -385,8 +357,6 @@ struct NetWorker {
     tx_buf: Vec<u8>,
     /// A frame in `tx_buf` the tap refused with EAGAIN: (chain head, length).
     tx_pending: Option<(u16, usize)>,
-    rx_log: LogLimiter,
-    tx_log: LogLimiter,
 }
 
 impl NetWorker {
@@ -401,8 +371,9 @@ impl NetWorker {
         }
         let mut events = [EpollEvent::default(); 8];
         loop {
-            self.process_tx();
-            self.process_rx();
+            if self.process_tx(&kill).is_break() || self.process_rx(&kill).is_break() {
+                return;
+            }
             self.rx.notify(&self.mem, &self.interrupt);
             self.tx.notify(&self.mem, &self.interrupt);
             self.update_tap_interest();
@@ -484,11 +455,18 @@ impl NetWorker {
         }
     }
 
-    fn process_tx(&mut self) {
+    /// Send the guest's frames until the queue is empty or the tap is full; breaks when the worker is told
+    /// to stop (checked between chains).
+    fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             if let Some((head, len)) = self.tx_pending {
                 match self.backend.write_frame(&self.tx_buf[..len]) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return ControlFlow::Continue(())
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Ok(_) => {
                         inc(&self.counters.tx_frames, 1);
@@ -496,61 +474,62 @@ impl NetWorker {
                     }
                     Err(e) => {
                         inc(&self.counters.tx_dropped, 1);
-                        if let Some(suppressed) = self.tx_log.allow() {
-                            tracing::warn!(error = %e, len, suppressed, "net: tap refused a tx frame");
-                        }
+                        crate::guest_warn!(error = %e, len, "net: tap refused a tx frame");
                     }
                 }
                 self.tx.add_used(&self.mem, head, 0);
                 self.tx_pending = None;
             }
             let Some(chain) = self.tx.pop(&self.mem) else {
-                return;
+                return ControlFlow::Continue(());
             };
             let head = chain.head_index();
             match gather_tx(&self.mem, chain, &mut self.tx_buf) {
                 Ok(len) => self.tx_pending = Some((head, len)),
                 Err(e) => {
                     inc(&self.counters.tx_dropped, 1);
-                    if let Some(suppressed) = self.tx_log.allow() {
-                        tracing::warn!(error = %e, head, suppressed, "net: bad tx chain");
-                    }
+                    crate::guest_warn!(error = %e, head, "net: bad tx chain");
                     self.tx.add_used(&self.mem, head, 0);
                 }
             }
         }
     }
 
-    fn process_rx(&mut self) {
+    /// Deliver tap frames while the guest has buffers; breaks when the worker is told to stop (checked
+    /// between frames).
+    fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             if self.rx_len.is_none() {
                 if self.tap_dead {
-                    return;
+                    return ControlFlow::Continue(());
                 }
                 // Only take a frame from the tap when the guest has a buffer for it.
                 if self.rx_held.is_empty() && !self.hold_rx_chain() {
-                    return;
+                    return ControlFlow::Continue(());
                 }
                 match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if n >= HDR_LEN => self.rx_len = Some(n.min(self.rx_buf.len())),
                     Ok(n) => {
                         inc(&self.counters.rx_dropped, 1);
-                        if let Some(suppressed) = self.rx_log.allow() {
-                            tracing::warn!(len = n, suppressed, "net: runt frame from the tap");
-                        }
+                        crate::guest_warn!(len = n, "net: runt frame from the tap");
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return ControlFlow::Continue(())
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::error!(error = %e, "net: cannot read from the tap");
                         self.tap_failed("read failed");
-                        return;
+                        return ControlFlow::Continue(());
                     }
                 }
             }
             if !self.deliver_rx() {
-                return;
+                return ControlFlow::Continue(());
             }
         }
     }
@@ -581,9 +560,7 @@ impl NetWorker {
                 Err(e) => e.to_string(),
             };
             inc(&self.counters.rx_bad_chains, 1);
-            if let Some(suppressed) = self.rx_log.allow() {
-                tracing::warn!(head, why, suppressed, "net: bad rx chain");
-            }
+            crate::guest_warn!(head, why, "net: bad rx chain");
             self.rx.add_used(&self.mem, head, 0);
         }
     }
@@ -650,7 +627,7 @@ impl NetWorker {
                 Ok(w) if w == n => self.rx.add_used(&self.mem, chain.head, n as u32),
                 other => {
                     // Not expected: the chain's ranges were checked against guest memory.
-                    tracing::error!(result = ?other.map_err(|e| e.to_string()), "net: cannot write rx buffer");
+                    crate::guest_error!(result = ?other.map_err(|e| e.to_string()), "net: cannot write rx buffer");
                     self.rx.add_used(&self.mem, chain.head, 0);
                     complete = false;
                 }
@@ -675,19 +652,13 @@ impl NetWorker {
             }
         }
         inc(&self.counters.rx_dropped, 1);
-        if let Some(suppressed) = self.rx_log.allow() {
-            tracing::warn!(len = ?self.rx_len, why, suppressed, "net: rx frame dropped");
-        }
+        crate::guest_warn!(len = ?self.rx_len, why, "net: rx frame dropped");
         self.rx_len = None;
     }
 }
 
 /// Validate a tx chain and copy header + frame into `buf`; returns the length.
-fn gather_tx(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Result<usize, TxError> {
+fn gather_tx(mem: &GuestMemoryMmap, chain: RawChain, buf: &mut [u8]) -> Result<usize, TxError> {
     let chain = Chain::parse(mem, chain, MAX_PACKET_LEN as u64)?;
     if !chain.writable.is_empty() {
         return Err(TxError::Writable);

@@ -3,7 +3,9 @@
 //!
 //! Guest → host: we advertise `CONN_BUF_SIZE` of buffer; bytes the host socket does not take yet wait in
 //! `host_out` (bounded by that advertisement; a guest that sends beyond it is reset). `fwd_cnt` counts
-//! bytes actually written to the host socket.
+//! bytes actually written to the host socket. Every connection of a device adds its `host_out` to one
+//! shared [`HostBuffered`] total, which the device bounds across connections (back-pressure on its tx
+//! queue); a closed connection's unsent bytes are discarded at once.
 //!
 //! Host → guest: we read from the host socket only as much as the guest's credit
 //! (`peer_buf_alloc - (rx_cnt - peer_fwd_cnt)`) and the offered rx buffer allow, so nothing is ever
@@ -14,6 +16,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::packet::*;
@@ -22,6 +26,25 @@ use super::packet::*;
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 /// Longest `CONNECT <port>\n` line accepted from a host.
 const MAX_CONNECT_LINE: usize = 32;
+
+/// Bytes buffered for host peers (guest data their sockets have not taken yet), summed over every
+/// connection of one device.
+#[derive(Debug, Clone, Default)]
+pub struct HostBuffered(Arc<AtomicUsize>);
+
+impl HostBuffered {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -70,6 +93,8 @@ pub struct Connection {
 
     // Guest -> host.
     host_out: VecDeque<u8>,
+    /// The device-wide total `host_out` counts into.
+    buffered: HostBuffered,
     /// Leading bytes of `host_out` that are ours (the `OK` line), not the guest's.
     out_exempt: usize,
     fwd_cnt: Wrapping<u32>,
@@ -89,7 +114,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Self {
+    fn new(
+        stream: UnixStream,
+        state: State,
+        local_port: u32,
+        peer_port: u32,
+        buffered: HostBuffered,
+    ) -> Self {
         Self {
             stream,
             state,
@@ -107,6 +138,7 @@ impl Connection {
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             host_out: VecDeque::new(),
+            buffered,
             out_exempt: 0,
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
@@ -121,15 +153,21 @@ impl Connection {
     }
 
     /// A host connection accepted on the UDS, before its CONNECT line.
-    pub fn host_accepted(stream: UnixStream, deadline: Instant) -> Self {
-        let mut c = Self::new(stream, State::HostHandshake, 0, 0);
+    pub fn host_accepted(stream: UnixStream, deadline: Instant, buffered: HostBuffered) -> Self {
+        let mut c = Self::new(stream, State::HostHandshake, 0, 0, buffered);
         c.deadline = Some(deadline);
         c
     }
 
     /// A guest REQUEST accepted: we connected to the host's `<uds>_<port>` listener.
-    pub fn guest_initiated(stream: UnixStream, hdr: &Header) -> Self {
-        let mut c = Self::new(stream, State::Established, hdr.dst_port, hdr.src_port);
+    pub fn guest_initiated(stream: UnixStream, hdr: &Header, buffered: HostBuffered) -> Self {
+        let mut c = Self::new(
+            stream,
+            State::Established,
+            hdr.dst_port,
+            hdr.src_port,
+            buffered,
+        );
         c.peer_buf_alloc = hdr.buf_alloc;
         c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         c.pending_response = true;
@@ -185,13 +223,32 @@ impl Connection {
             State::Established => true,
         };
         self.pending_rst = guest_knows;
-        self.state = State::Closed;
+        self.set_closed();
     }
 
     /// Close without telling the guest (it reset us, or never heard of us).
     pub fn close_silently(&mut self) {
         self.pending_rst = false;
+        self.set_closed();
+    }
+
+    /// Enter `Closed`: nothing more goes to the host, so the bytes still queued for it are discarded.
+    fn set_closed(&mut self) {
         self.state = State::Closed;
+        self.buffered.sub(self.host_out.len());
+        self.host_out = VecDeque::new();
+        self.out_exempt = 0;
+    }
+
+    /// Guest bytes (and our `OK` line) waiting for the host socket.
+    #[cfg(test)]
+    fn host_queued(&self) -> usize {
+        self.host_out.len()
+    }
+
+    fn queue_for_host(&mut self, bytes: &[u8]) {
+        self.host_out.extend(bytes);
+        self.buffered.add(bytes.len());
     }
 
     /// Bytes the guest still lets us send.
@@ -251,7 +308,7 @@ impl Connection {
     ) -> Option<Header> {
         if self.pending_rst {
             self.pending_rst = false;
-            self.state = State::Closed;
+            self.set_closed();
             return Some(self.header(guest_cid, OP_RST));
         }
         match self.state {
@@ -300,9 +357,9 @@ impl Connection {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
+                            crate::guest_warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
                             payload.clear();
-                            self.state = State::Closed;
+                            self.set_closed();
                             return Some(self.header(guest_cid, OP_RST));
                         }
                     }
@@ -330,7 +387,7 @@ impl Connection {
         if hdr.op == OP_RST {
             if self.state == State::Established && self.shut_sent == 0 && self.guest_shut == 0 {
                 // Worth a line: an established stream the guest resets without a shutdown first.
-                tracing::warn!(
+                crate::guest_warn!(
                     port = self.local_port,
                     peer = self.peer_port,
                     "vsock: the guest reset an open connection"
@@ -351,7 +408,7 @@ impl Connection {
                 self.deadline = None;
                 let ok = format!("OK {}\n", self.local_port);
                 self.out_exempt += ok.len();
-                self.host_out.extend(ok.as_bytes());
+                self.queue_for_host(ok.as_bytes());
                 self.peer_buf_alloc = hdr.buf_alloc;
                 self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
                 self.flush_host();
@@ -365,7 +422,7 @@ impl Connection {
             OP_RW => {
                 let queued = self.host_out.len() - self.out_exempt;
                 if queued + payload.len() > CONN_BUF_SIZE as usize {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         port = self.local_port,
                         "vsock: guest exceeded its credit; reset"
                     );
@@ -373,11 +430,11 @@ impl Connection {
                     return false;
                 }
                 if self.guest_shut & SHUTDOWN_SEND != 0 || self.host_write_shut {
-                    tracing::warn!("vsock: guest data after its SHUTDOWN; reset");
+                    crate::guest_warn!("vsock: guest data after its SHUTDOWN; reset");
                     self.reset();
                     return false;
                 }
-                self.host_out.extend(payload);
+                self.queue_for_host(payload);
                 self.flush_host();
             }
             OP_CREDIT_UPDATE => {}
@@ -388,7 +445,7 @@ impl Connection {
                 self.check_finished();
             }
             _ => {
-                tracing::warn!(
+                crate::guest_warn!(
                     op = hdr.op,
                     "vsock: unexpected op on an established connection; reset"
                 );
@@ -410,6 +467,7 @@ impl Connection {
                 }
                 Ok(n) => {
                     self.host_out.drain(..n);
+                    self.buffered.sub(n);
                     let exempt = n.min(self.out_exempt);
                     self.out_exempt -= exempt;
                     self.fwd_cnt += Wrapping((n - exempt) as u32);
@@ -417,7 +475,7 @@ impl Connection {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.host_writable = false,
                 Err(e) => {
-                    tracing::warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
+                    crate::guest_warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
                     self.reset();
                     return;
                 }
@@ -454,6 +512,12 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.buffered.sub(self.host_out.len());
+    }
+}
+
 /// Parse `CONNECT <port>` (the newline already stripped; a trailing `\r` is tolerated).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
@@ -479,7 +543,7 @@ mod tests {
     #[test]
     fn credit_accounting_wraps() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let mut c = Connection::new(a, State::Established, 1, 2);
+        let mut c = Connection::new(a, State::Established, 1, 2, HostBuffered::default());
         c.peer_buf_alloc = 100;
         c.rx_cnt = Wrapping(u32::MAX - 9);
         c.peer_fwd_cnt = Wrapping(u32::MAX - 49);
@@ -488,5 +552,44 @@ mod tests {
         assert_eq!(c.peer_credit(), 40);
         c.peer_buf_alloc = 10; // the guest shrank its buffer below what is in flight
         assert_eq!(c.peer_credit(), 0);
+    }
+
+    #[test]
+    fn host_buffered_total_follows_every_connection() {
+        let total = HostBuffered::default();
+        let (a, _pa) = UnixStream::pair().unwrap();
+        let (b, mut pb) = UnixStream::pair().unwrap();
+        let (c, _pc) = UnixStream::pair().unwrap();
+        let mut c1 = Connection::new(a, State::Established, 1, 2, total.clone());
+        let mut c2 = Connection::new(b, State::Established, 3, 4, total.clone());
+        let mut c3 = Connection::new(c, State::Established, 5, 6, total.clone());
+        // The host sockets are full: guest data stays queued.
+        for c in [&mut c1, &mut c2, &mut c3] {
+            c.host_writable = false;
+        }
+        let rw = |len: u32| Header {
+            op: OP_RW,
+            type_: TYPE_STREAM,
+            len,
+            buf_alloc: 1 << 20,
+            ..Default::default()
+        };
+        assert!(c1.on_guest_packet(&rw(1000), &[1; 1000]));
+        assert!(c2.on_guest_packet(&rw(500), &[2; 500]));
+        assert!(c3.on_guest_packet(&rw(10), &[3; 10]));
+        assert_eq!((c1.host_queued(), total.get()), (1000, 1510));
+        // A reset discards what the host will never get.
+        c1.reset();
+        assert_eq!((c1.host_queued(), total.get()), (0, 510));
+        // Bytes the socket takes leave the total.
+        c2.host_writable = true;
+        c2.flush_host();
+        assert_eq!(total.get(), 10);
+        let mut got = [0u8; 500];
+        pb.read_exact(&mut got).unwrap();
+        assert_eq!(got, [2; 500]);
+        // So do a dropped connection's.
+        drop(c3);
+        assert_eq!(total.get(), 0);
     }
 }

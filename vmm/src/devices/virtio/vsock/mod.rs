@@ -5,6 +5,11 @@
 //! - `muxer`: the Unix listener, host connections, routing of guest packets.
 //! - this module: the [`VirtioDevice`] and its worker thread (epoll over the queue eventfds, the listener
 //!   and every connection).
+//!
+//! Host memory a guest can make the device hold: per connection at most `CONN_BUF_SIZE` (256 KiB) of data
+//! the host peer has not read yet (the credit we advertise; more resets the connection), and across all
+//! connections at most [`MAX_HOST_BUFFERED`]. When taking one more packet could cross that total, the worker
+//! stops taking tx chains (they stay in the queue: back-pressure, nothing dropped) until host peers read.
 
 mod connection;
 mod muxer;
@@ -13,6 +18,7 @@ mod packet;
 mod tests;
 
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,10 +29,11 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, DeviceQueue};
-use super::worker::Worker;
+use super::chain::{Chain, DeviceQueue, RawChain};
+use super::worker::{stop_requested, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
+use connection::HostBuffered;
 use muxer::Muxer;
 use packet::{Header, HDR_LEN};
 
@@ -40,6 +47,10 @@ const TXQ: usize = 1;
 // Queue 2 (events) is only ever used for transport resets, which this device does not send.
 /// Largest payload in one packet, either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Most bytes buffered for host peers across all connections (default of [`Vsock::with_host_buffer_limit`]).
+/// Per connection the bound is 256 KiB, so this is 32 connections whose host peers all stopped reading;
+/// well-behaved peers (the shim, which reads its streams continuously) never come near it.
+pub const MAX_HOST_BUFFERED: usize = 8 << 20;
 /// Largest descriptor chain accepted (header + payload + slack for driver padding).
 const MAX_CHAIN_BYTES: u64 = (MAX_PKT_PAYLOAD + HDR_LEN + 4096) as u64;
 
@@ -63,6 +74,8 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     acked_features: u64,
     worker: Option<Worker<Option<UnixListener>>>,
+    host_buffered: HostBuffered,
+    host_buffer_limit: usize,
 }
 
 /// Bind the listener, replacing a stale socket file (one nobody listens on) but never a live one.
@@ -101,7 +114,21 @@ impl Vsock {
             listener: Some(listener),
             acked_features: 0,
             worker: None,
+            host_buffered: HostBuffered::default(),
+            host_buffer_limit: MAX_HOST_BUFFERED,
         })
+    }
+
+    /// Bound the bytes buffered for host peers across all connections (default [`MAX_HOST_BUFFERED`]).
+    /// Values below one packet ([`MAX_PKT_PAYLOAD`]) are raised to it, or the guest could never send.
+    pub fn with_host_buffer_limit(mut self, bytes: usize) -> Self {
+        self.host_buffer_limit = bytes.max(MAX_PKT_PAYLOAD);
+        self
+    }
+
+    /// Bytes currently buffered for host peers, all connections together.
+    pub fn host_buffered(&self) -> usize {
+        self.host_buffered.get()
     }
 
     /// The guest CID.
@@ -153,7 +180,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             offset,
             "vsock: guest write to read-only config space ignored"
         );
@@ -182,7 +209,7 @@ impl VirtioDevice for Vsock {
         };
         let queues: Vec<DeviceQueue> = queues
             .into_iter()
-            .map(|(q, e)| DeviceQueue::new(q, e))
+            .map(|(q, e)| DeviceQueue::new(q, e).with_features(self.acked_features))
             .collect();
         let epoll = Epoll::new()?;
         for (i, q) in queues.iter().enumerate() {
@@ -193,13 +220,20 @@ impl VirtioDevice for Vsock {
             )?;
         }
         // On failure the listener is gone; the next activation binds again.
-        let muxer = Muxer::new(self.cid, self.uds_path.clone(), listener, epoll)?;
+        let muxer = Muxer::new(
+            self.cid,
+            self.uds_path.clone(),
+            listener,
+            epoll,
+            self.host_buffered.clone(),
+        )?;
         let worker = VsockWorker {
             mem,
             interrupt,
             queues,
             muxer,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+            host_buffer_limit: self.host_buffer_limit,
         };
         self.worker = Some(Worker::spawn("capsa-vsock", move |kill| worker.run(kill))?);
         Ok(())
@@ -218,6 +252,7 @@ struct VsockWorker {
     queues: Vec<DeviceQueue>,
     muxer: Muxer,
     payload: Vec<u8>,
+    host_buffer_limit: usize,
 }
 
 impl VsockWorker {
@@ -236,8 +271,9 @@ impl VsockWorker {
         self.muxer.accept_all();
         loop {
             let timeout = loop {
-                self.process_tx();
-                self.process_rx();
+                if self.process_tx(&kill).is_break() || self.process_rx(&kill).is_break() {
+                    return Some(self.muxer.into_listener());
+                }
                 let (expired, timeout) = self.muxer.check_deadlines(Instant::now());
                 if !expired {
                     break timeout;
@@ -269,19 +305,34 @@ impl VsockWorker {
         }
     }
 
-    /// Take every packet the guest queued.
-    fn process_tx(&mut self) {
+    /// Take the packets the guest queued, as long as one more cannot push the bytes buffered for host
+    /// peers over the limit; the rest wait in the queue until host peers read (the loop calls us again
+    /// after every socket event). Breaks when the worker is told to stop (checked between chains).
+    fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         let mut hdr_buf = [0u8; HDR_LEN];
-        while let Some(chain) = self.queues[TXQ].pop(mem) {
+        loop {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
+            if self.muxer.host_buffered() + MAX_PKT_PAYLOAD > self.host_buffer_limit {
+                tracing::debug!(
+                    buffered = self.muxer.host_buffered(),
+                    "vsock: host peers are behind; tx paused"
+                );
+                return ControlFlow::Continue(());
+            }
+            let Some(chain) = self.queues[TXQ].pop(mem) else {
+                return ControlFlow::Continue(());
+            };
             let head = chain.head_index();
             match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
                 Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.payload),
                 Err(TxError::Chain(e)) => {
-                    tracing::warn!(error = %e, head, "vsock: bad tx descriptor chain")
+                    crate::guest_warn!(error = %e, head, "vsock: bad tx descriptor chain")
                 }
                 Err(TxError::Packet(why, hdr)) => {
-                    tracing::warn!(why, head, "vsock: bad tx packet");
+                    crate::guest_warn!(why, head, "vsock: bad tx packet");
                     if let Some(hdr) = hdr {
                         self.muxer.on_bad_packet(&hdr);
                     }
@@ -291,10 +342,14 @@ impl VsockWorker {
         }
     }
 
-    /// Fill rx buffers with whatever the host side has for the guest.
-    fn process_rx(&mut self) {
+    /// Fill rx buffers with whatever the host side has for the guest. Breaks when the worker is told to
+    /// stop (checked between chains).
+    fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         while self.muxer.has_rx() {
+            if stop_requested(kill) {
+                return ControlFlow::Break(());
+            }
             let Some(chain) = self.queues[RXQ].pop(mem) else {
                 break;
             };
@@ -302,13 +357,13 @@ impl VsockWorker {
             let chain = match Chain::parse(mem, chain, MAX_CHAIN_BYTES) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, head, "vsock: bad rx descriptor chain");
+                    crate::guest_warn!(error = %e, head, "vsock: bad rx descriptor chain");
                     self.queues[RXQ].add_used(mem, head, 0);
                     continue;
                 }
             };
             if !chain.readable.is_empty() || chain.writable.len() < HDR_LEN as u64 {
-                tracing::warn!(head, "vsock: rx buffer not device-writable or too small");
+                crate::guest_warn!(head, "vsock: rx buffer not device-writable or too small");
                 self.queues[RXQ].add_used(mem, head, 0);
                 continue;
             }
@@ -325,11 +380,12 @@ impl VsockWorker {
             match written {
                 Ok(n) => self.queues[RXQ].add_used(mem, head, n as u32),
                 Err(e) => {
-                    tracing::error!(error = %e, "vsock: cannot write rx buffer");
+                    crate::guest_error!(error = %e, "vsock: cannot write rx buffer");
                     self.queues[RXQ].add_used(mem, head, 0);
                 }
             }
         }
+        ControlFlow::Continue(())
     }
 }
 
@@ -340,7 +396,7 @@ enum TxError {
 
 fn parse_tx(
     mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    chain: RawChain,
     hdr_buf: &mut [u8; HDR_LEN],
     payload: &mut Vec<u8>,
 ) -> Result<Header, TxError> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::connection::{Connection, Handshake, State};
+use super::connection::{Connection, Handshake, HostBuffered, State};
 use super::packet::*;
 
 /// Most simultaneous connections (host- and guest-initiated together).
@@ -45,6 +45,8 @@ pub struct Muxer {
     rx_ready: VecDeque<u64>,
     /// RST replies to guest packets for no connection.
     rst_queue: VecDeque<Header>,
+    /// Bytes every connection holds for its host peer.
+    buffered: HostBuffered,
 }
 
 impl Muxer {
@@ -53,6 +55,7 @@ impl Muxer {
         uds_path: PathBuf,
         listener: UnixListener,
         epoll: Epoll,
+        buffered: HostBuffered,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         epoll.ctl(
@@ -71,6 +74,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             rx_ready: VecDeque::new(),
             rst_queue: VecDeque::new(),
+            buffered,
         })
     }
 
@@ -82,6 +86,11 @@ impl Muxer {
             EpollEvent::default(),
         );
         self.listener
+    }
+
+    /// Bytes buffered for host peers, all connections together.
+    pub fn host_buffered(&self) -> usize {
+        self.buffered.get()
     }
 
     pub fn epoll(&self) -> &Epoll {
@@ -127,7 +136,7 @@ impl Muxer {
             conn.stream.as_raw_fd(),
             EpollEvent::new(ev, token),
         ) {
-            tracing::warn!(error = %e, "vsock: cannot watch connection");
+            crate::guest_warn!(error = %e, "vsock: cannot watch connection");
             return None;
         }
         if conn.state != State::HostHandshake {
@@ -170,14 +179,18 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        tracing::warn!("vsock: too many connections; host connection refused");
+                        crate::guest_warn!("vsock: too many connections; host connection refused");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!(error = %e, "vsock: cannot make host connection non-blocking");
+                        crate::guest_warn!(error = %e, "vsock: cannot make host connection non-blocking");
                         continue;
                     }
-                    let conn = Connection::host_accepted(stream, Instant::now() + CONNECT_TIMEOUT);
+                    let conn = Connection::host_accepted(
+                        stream,
+                        Instant::now() + CONNECT_TIMEOUT,
+                        self.buffered.clone(),
+                    );
                     if let Some(t) = self.add_connection(conn) {
                         // Edge-triggered: the CONNECT line may already be there.
                         if let Some(c) = self.conns.get_mut(&t) {
@@ -189,7 +202,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: accept failed");
+                    crate::guest_warn!(error = %e, "vsock: accept failed");
                     return;
                 }
             }
@@ -317,7 +330,7 @@ impl Muxer {
     /// The guest wants host port `hdr.dst_port`: connect to `<uds>_<port>`.
     fn guest_connect(&mut self, hdr: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: too many connections; guest connect refused");
+            crate::guest_warn!("vsock: too many connections; guest connect refused");
             self.queue_rst(hdr);
             return;
         }
@@ -331,7 +344,7 @@ impl Muxer {
                 return;
             }
         };
-        let mut conn = Connection::guest_initiated(stream, hdr);
+        let mut conn = Connection::guest_initiated(stream, hdr, self.buffered.clone());
         conn.host_readable = true;
         match self.add_connection(conn) {
             Some(t) => self.schedule(t),

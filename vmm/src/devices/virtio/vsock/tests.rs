@@ -828,3 +828,137 @@ fn guest_connect_to_full_backlog_does_not_block() {
     g.send(gpkt(OP_REQUEST, 9100, 5002, 65536, 0), &[]);
     assert_eq!(g.recv().0.op, OP_RST);
 }
+
+#[test]
+fn host_buffering_is_capped_across_connections_with_tx_backpressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    // More than one connection may buffer (CONN_BUF_SIZE, 256 KiB): only the total cap can stop this.
+    let limit = 6 * MAX_PKT_PAYLOAD;
+    let mut dev = Vsock::new(CID, &path)
+        .unwrap()
+        .with_host_buffer_limit(limit);
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(32);
+    // Two host peers that do not read for now.
+    let (a, pa) = host_connect(&mut g, &path, 1024, 1 << 20);
+    let (b, pb) = host_connect(&mut g, &path, 1025, 1 << 20);
+    let chunks = [
+        pattern(MAX_PKT_PAYLOAD),
+        pattern(MAX_PKT_PAYLOAD)
+            .iter()
+            .map(|x| x ^ 0xff)
+            .collect::<Vec<u8>>(),
+    ];
+    let targets = [(1024, pa), (1025, pb)];
+    // The guest sends 64 KiB packets on both connections in turn until the device stops taking them.
+    let mut queued = [0usize; 2];
+    let mut blocked = None;
+    for i in 0..64 {
+        let c = i % 2;
+        let (port, local) = targets[c];
+        let mut bytes = gpkt(OP_RW, port, local, 1 << 20, 0).to_bytes().to_vec();
+        bytes[24..28].copy_from_slice(&(MAX_PKT_PAYLOAD as u32).to_le_bytes());
+        bytes.extend_from_slice(&chunks[c]);
+        let addr = g.bump.alloc(bytes.len() as u64);
+        write_bytes(&mem, addr, &bytes);
+        let head = g.tx.add(&[(addr, bytes.len() as u32, false)]);
+        queued[c] += 1;
+        let used = match g.tx.wait_used(Duration::from_millis(300)) {
+            Some(u) => Some(u),
+            // Slow machine, or back-pressure: only the latter leaves the device at its limit.
+            None if dev.host_buffered() + MAX_PKT_PAYLOAD <= limit => g.tx.wait_used(T),
+            None => None,
+        };
+        match used {
+            Some((id, len)) => assert_eq!((id, len), (u32::from(head), 0)),
+            None => {
+                blocked = Some(head);
+                break;
+            }
+        }
+    }
+    let head = blocked.expect("the device never stopped taking tx chains");
+    let buffered = dev.host_buffered();
+    assert!(buffered <= limit, "{buffered} buffered over the limit");
+    assert!(
+        buffered > connection::CONN_BUF_SIZE as usize,
+        "{buffered}: the cap must be across connections"
+    );
+    // The chain stays in the queue; nothing was reset or dropped.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(g.tx.next_used(), None, "tx chain taken over the limit");
+    while let Some((h, _)) = g.recv_within(Duration::ZERO) {
+        assert_eq!(h.op, OP_CREDIT_UPDATE, "unexpected packet {h:?}");
+        g.post_rx(1);
+    }
+    // The host peers read: the device resumes, and every byte arrives in order.
+    let readers: Vec<_> = [a, b]
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut s)| {
+            let want: Vec<u8> = chunks[c].repeat(queued[c]);
+            std::thread::spawn(move || {
+                assert_eq!(read_exact_timeout(&mut s, want.len()), want);
+                s
+            })
+        })
+        .collect();
+    assert_eq!(g.tx.wait_used(T), Some((u32::from(head), 0)));
+    let _streams: Vec<UnixStream> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let deadline = std::time::Instant::now() + T;
+    while dev.host_buffered() != 0 {
+        assert!(std::time::Instant::now() < deadline, "buffers not released");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn worker_stops_between_tx_and_rx_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut g = Guest::new(&mem);
+    let queues = [g.rx.device_side(), g.tx.device_side(), g._ev.device_side()]
+        .into_iter()
+        .map(|(q, e)| DeviceQueue::new(q, e))
+        .collect();
+    let listener = UnixListener::bind(&path).unwrap();
+    let buffered = HostBuffered::default();
+    let muxer = Muxer::new(CID, path.clone(), listener, Epoll::new().unwrap(), buffered).unwrap();
+    let mut worker = VsockWorker {
+        mem: mem.clone(),
+        interrupt: g.interrupt.clone(),
+        queues,
+        muxer,
+        payload: Vec::new(),
+        host_buffer_limit: MAX_HOST_BUFFERED,
+    };
+    let kill = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    // Three packets for ports nobody listens on: each gets an RST.
+    for port in 0..3 {
+        let bytes = gpkt(OP_REQUEST, 7000 + port, 6000, 65536, 0).to_bytes();
+        let a = g.bump.alloc(bytes.len() as u64);
+        write_bytes(&mem, a, &bytes);
+        g.tx.add(&[(a, bytes.len() as u32, false)]);
+    }
+    g.post_rx(3);
+    // Told to stop: not one chain is taken.
+    kill.write(1).unwrap();
+    assert!(worker.process_tx(&kill).is_break());
+    assert_eq!(g.tx.next_used(), None);
+    assert!(worker.process_tx(&kill).is_continue());
+    for _ in 0..3 {
+        assert!(g.tx.next_used().is_some());
+    }
+    // The RSTs wait for rx buffers; a stop comes first there too.
+    kill.write(1).unwrap();
+    assert!(worker.process_rx(&kill).is_break());
+    assert_eq!(g.rx.next_used(), None);
+    assert!(worker.process_rx(&kill).is_continue());
+    for _ in 0..3 {
+        assert_eq!(g.recv().0.op, OP_RST);
+    }
+}
