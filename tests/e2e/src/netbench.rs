@@ -53,7 +53,7 @@ pub fn full_blocks_read(report: &str) -> anyhow::Result<u64> {
 /// the sink's report, once the report says every byte arrived.
 pub fn send_to_sink(addr: SocketAddr, bytes: u64, timeout: Duration) -> anyhow::Result<Duration> {
     anyhow::ensure!(
-        bytes % SINK_BLOCK == 0,
+        bytes.is_multiple_of(SINK_BLOCK),
         "{bytes} is not a multiple of {SINK_BLOCK}"
     );
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))

@@ -498,7 +498,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut runs = 10usize;
     let mut sections = vec!["start".to_owned(), "net".to_owned()];
-    let mut net_mib = 64u64;
+    let mut net_mib = 32u64;
     let mut net_runs = 3usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
