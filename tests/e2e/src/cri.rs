@@ -467,13 +467,23 @@ impl Cri {
         id: &str,
         cmd: &[&str],
     ) -> Result<cri::ExecSyncResponse, tonic::Status> {
+        self.exec_sync_timeout(id, cmd, 60).await
+    }
+
+    /// ExecSync with a timeout of `timeout_s` seconds (0: none).
+    pub async fn exec_sync_timeout(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<cri::ExecSyncResponse, tonic::Status> {
         Ok(self
             .rt
             .clone()
             .exec_sync(cri::ExecSyncRequest {
                 container_id: id.into(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 60,
+                timeout: timeout_s,
             })
             .await?
             .into_inner())

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use capsa_runtime::vm::VmConfig;
 
+pub mod cni;
 pub mod cri;
+pub mod netbench;
 pub mod smaps;
 
 /// The workspace root (the crate lives in `tests/e2e`).

@@ -25,46 +25,29 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use capsa_e2e::cni::{
+    exec, missing_cni_plugins, net_pod_config, pod_network, wait_network_ready, BridgeNet,
+};
 use capsa_e2e::cri::{
-    container_config, containerd_available, pids_mentioning, pod_config, port_forward, Cri,
-    CriContainerd, BUSYBOX_IMAGE,
+    container_config, containerd_available, pids_mentioning, port_forward, Cri, CriContainerd,
+    BUSYBOX_IMAGE,
 };
 use capsa_e2e::{e2e_enabled, Inputs};
 use k8s_cri::v1 as cri;
 
-const NET_NAME: &str = "capsa-e2e-net";
-const BRIDGE: &str = "capsae2e0";
-const SUBNET: &str = "10.88.77.0/24";
-const GATEWAY: &str = "10.88.77.1";
-const MTU: u32 = 1400;
+const NET: BridgeNet = BridgeNet {
+    name: "capsa-e2e-net",
+    bridge: "capsae2e0",
+    subnet: "10.88.77.0/24",
+    gateway: "10.88.77.1",
+    mtu: 1400,
+};
+const GATEWAY: &str = NET.gateway;
+const MTU: u32 = NET.mtu;
 const POD_PORT: u16 = 8080;
 const HOST_PORT: u16 = 18080;
 const HOST_LISTEN_PORT: u16 = 19090;
 const MISSING_NETNS: &str = "/var/run/netns/capsa-e2e-missing";
-
-fn conflist() -> String {
-    serde_json::json!({
-        "cniVersion": "0.4.0",
-        "name": NET_NAME,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": true,
-                "ipMasq": false,
-                "hairpinMode": true,
-                "mtu": MTU,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
-                    "routes": [{"dst": "0.0.0.0/0"}]
-                }
-            },
-            {"type": "portmap", "capabilities": {"portMappings": true}}
-        ]
-    })
-    .to_string()
-}
 
 /// Outcomes of the named checks, printed as they happen.
 #[derive(Default)]
@@ -125,17 +108,8 @@ async fn check_net_sysctls(cri: &Cri, pod: &Pod) -> Result<String, String> {
     }
 }
 
-fn net_pod_config(c: &CriContainerd, name: &str, host_port: bool) -> cri::PodSandboxConfig {
-    let mut cfg = pod_config(name, &c.log_dir(name));
-    cfg.hostname = name.into();
-    if let Some(ns) = cfg
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-        .and_then(|s| s.namespace_options.as_mut())
-    {
-        ns.network = cri::NamespaceMode::Pod as i32;
-    }
+fn suite_pod_config(c: &CriContainerd, name: &str, host_port: bool) -> cri::PodSandboxConfig {
+    let mut cfg = net_pod_config(c, name);
     // Pod sysctls in the pod's network namespace: one Kubernetes calls safe, one unsafe (issue 9).
     if let Some(l) = cfg.linux.as_mut() {
         l.sysctls = NET_SYSCTLS
@@ -194,7 +168,7 @@ struct HostCounts {
 fn host_counts(c: &CriContainerd) -> HostCounts {
     HostCounts {
         netns: dir_names(Path::new("/var/run/netns")),
-        ip_allocations: dir_names(&Path::new("/var/lib/cni/networks").join(NET_NAME))
+        ip_allocations: dir_names(&NET.ip_allocations_dir())
             .into_iter()
             .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
             .collect(),
@@ -205,88 +179,6 @@ fn host_counts(c: &CriContainerd) -> HostCounts {
         vmms: pids_mentioning(&c.capsa_state.to_string_lossy()).len(),
         sandbox_dirs: dir_names(&c.capsa_state),
     }
-}
-
-async fn wait_network_ready(cri: &Cri) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = cri
-            .rt
-            .clone()
-            .status(cri::StatusRequest { verbose: false })
-            .await
-            .map_err(|e| format!("Status: {e}"))?
-            .into_inner();
-        let ready = st
-            .status
-            .as_ref()
-            .map(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.r#type == "NetworkReady" && c.status)
-            })
-            .unwrap_or(false);
-        if ready {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("CRI never reported NetworkReady: {:?}", st.status));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The pod IP and network namespace path CRI reports for `pod`.
-async fn pod_network(cri: &Cri, pod: &str) -> Result<(String, Option<PathBuf>), String> {
-    let r = cri
-        .rt
-        .clone()
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .map_err(|e| format!("PodSandboxStatus: {e}"))?
-        .into_inner();
-    let ip = r
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default();
-    let info: serde_json::Value = r
-        .info
-        .get("info")
-        .and_then(|i| serde_json::from_str(i).ok())
-        .unwrap_or_default();
-    let netns = info["netNamespacePath"]
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            info["runtimeSpec"]["linux"]["namespaces"]
-                .as_array()?
-                .iter()
-                .find(|n| n["type"] == "network")?["path"]
-                .as_str()
-                .map(PathBuf::from)
-        });
-    Ok((ip, netns))
-}
-
-async fn exec(cri: &Cri, cid: &str, cmd: &[&str]) -> Result<String, String> {
-    let r = cri
-        .exec_sync(cid, cmd)
-        .await
-        .map_err(|e| format!("ExecSync {cmd:?}: {e}"))?;
-    if r.exit_code != 0 {
-        return Err(format!(
-            "{cmd:?} exited {}: {}{}",
-            r.exit_code,
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&r.stdout).into_owned())
 }
 
 /// `wget` from `from`'s container to `to`'s web server: must answer `pod-<to>`. A few attempts (the
@@ -421,7 +313,7 @@ async fn start_pod(
     host_port: bool,
     pods: &mut Vec<(String, &'static str)>,
 ) -> Result<Pod, String> {
-    let cfg = net_pod_config(c, name, host_port);
+    let cfg = suite_pod_config(c, name, host_port);
     let started = Instant::now();
     let id = cri
         .run_pod(&cfg, handler)
@@ -519,9 +411,7 @@ async fn remove_and_check(c: &CriContainerd, cri: &Cri, pod: &Pod) -> Result<Str
             left.push(format!("netns {}", ns.display()));
         }
     }
-    let ipfile = Path::new("/var/lib/cni/networks")
-        .join(NET_NAME)
-        .join(&pod.ip);
+    let ipfile = NET.ip_allocations_dir().join(&pod.ip);
     if ipfile.exists() {
         left.push(format!("IP allocation {}", ipfile.display()));
     }
@@ -792,16 +682,15 @@ fn cri_pod_network() {
     if !e2e_enabled("cri_pod_network") || !containerd_available("cri_pod_network") {
         return;
     }
-    for plugin in ["bridge", "host-local", "portmap", "loopback"] {
-        assert!(
-            Path::new("/usr/lib/cni").join(plugin).exists(),
-            "CNI plugin {plugin} missing (apt-get install containernetworking-plugins)"
-        );
-    }
+    let missing = missing_cni_plugins();
+    assert!(
+        missing.is_empty(),
+        "CNI plugins {missing:?} missing (apt-get install containernetworking-plugins)"
+    );
     let inputs = Inputs::from_env();
     inputs.require();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = CriContainerd::start_with_cni(&inputs, Some(&conflist()));
+    let c = CriContainerd::start_with_cni(&inputs, Some(&NET.conflist()));
     let started = Instant::now();
     let mut report = Report::default();
     let mut pods = Vec::new();
@@ -826,7 +715,7 @@ fn cri_pod_network() {
         c.log_tail()
     };
     drop(c);
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+    NET.remove_bridge();
     assert!(
         failures.is_empty(),
         "{} check(s) failed:\n{}\n--- containerd log ---\n{tail}",

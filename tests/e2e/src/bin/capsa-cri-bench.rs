@@ -1,19 +1,35 @@
-//! capsa-cri-bench: pod start through containerd's CRI, capsa vs runc, and the host memory a capsa pod
-//! costs. Prints numbers; asserts nothing. `make bench` runs it inside the nested test host.
+//! capsa-cri-bench: pod start through containerd's CRI, capsa vs runc, the host memory a capsa pod
+//! costs, and pod networking. Prints numbers; asserts nothing. `make bench` runs it inside the nested test
+//! host.
 //!
-//! Per run and handler: RunPodSandbox → the pod is ready (RunPodSandbox returned), and RunPodSandbox →
-//! the first line of a container's log (CreateContainer + StartContainer of `echo first; sleep`, the log
-//! file containerd writes polled every 5 ms). Medians of N runs (default 10) and the capsa/runc ratio.
-//! Memory: VmRSS and Pss (smaps_rollup) of the pod's capsa-vmm, containerd-shim-capsa-v2 and virtiofsd
-//! processes, while the pod runs.
+//! Section `start`, per run and handler: RunPodSandbox → the pod is ready (RunPodSandbox returned), and
+//! RunPodSandbox → the first line of a container's log (CreateContainer + StartContainer of `echo first;
+//! sleep`, the log file containerd writes polled every 5 ms). Medians of N runs (default 10) and the
+//! capsa/runc ratio. Memory: VmRSS and Pss (smaps_rollup) of the pod's capsa-vmm,
+//! containerd-shim-capsa-v2 and virtiofsd processes, while the pod runs.
 //!
-//! Usage: capsa-cri-bench [--runs N]. Inputs: CAPSA_VMM, CAPSA_KERNEL, CAPSA_INITRD; needs containerd.
+//! Section `net`: one capsa pod and one runc pod on a CNI bridge (bridge + host-local + portmap from
+//! containernetworking-plugins), each running busybox servers (a `dd` sink and a `cat` echo behind
+//! `nc -ll -e`). Alternating capsa and runc, each run measures TCP throughput host → pod IP (this process
+//! sends `--net-mib` MiB, the sink reports what it read), pod → host (`dd` on a socket `nc` connected to a listener of this
+//! process on the bridge's gateway IP) and 200 round trips of 64 bytes on one connection (after 20 warm-up
+//! ones). Medians over the runs for throughput, median and p90 of all round trips.
+//!
+//! Usage: capsa-cri-bench [--runs N] [--sections start,net] [--net-mib N] [--net-runs N].
+//! Inputs: CAPSA_VMM, CAPSA_KERNEL, CAPSA_INITRD; needs containerd (and the CNI plugins for `net`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use capsa_e2e::cri::{container_config, log_lines, pids_mentioning, pod_config, CriContainerd};
+use capsa_e2e::cni::{
+    missing_cni_plugins, net_pod_config, pod_network, wait_network_ready, BridgeNet,
+};
+use capsa_e2e::cri::{
+    container_config, log_lines, pids_mentioning, pod_config, Cri, CriContainerd,
+};
+use capsa_e2e::netbench::{self, mib_per_s, percentile};
 use capsa_e2e::{median, Inputs};
+use tracing::{info, warn};
 
 #[derive(Default)]
 struct Sample {
@@ -127,26 +143,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut runs = 10usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => runs = args.next().context("--runs needs a value")?.parse()?,
-            "-h" | "--help" => {
-                println!("usage: capsa-cri-bench [--runs N]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if !capsa_e2e::cri::containerd_available("capsa-cri-bench") {
-        return Ok(());
-    }
-    let inputs = Inputs::from_env();
-    inputs.require();
-    let c = CriContainerd::start(&inputs);
-    let rt = tokio::runtime::Runtime::new()?;
+/// The start section: `runs` pods per handler, then the table and the capsa pod's memory.
+fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
     let mut results = Vec::new();
     let mut memory = None;
     for handler in ["capsa", "runc"] {
@@ -156,12 +154,12 @@ fn main() -> anyhow::Result<()> {
             let r = rt.block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(240),
-                    one_run(&c, handler, i, &mut s, &mut memory),
+                    one_run(c, handler, i, &mut s, &mut memory),
                 )
                 .await
             });
-            eprintln!(
-                "capsa-cri-bench: {handler} run {i}: {:?}{}",
+            info!(
+                "{handler} run {i}: {:?}{}",
                 t.elapsed(),
                 if r.is_err() { " (timed out)" } else { "" }
             );
@@ -226,6 +224,330 @@ fn main() -> anyhow::Result<()> {
         }
         _ => println!("  n/a (no capsa pod ran)"),
     }
+}
+
+/// The network section's bridge (its own, apart from the cri_network suite's).
+const NET: BridgeNet = BridgeNet {
+    name: "capsa-bench-net",
+    bridge: "capsabench0",
+    subnet: "10.88.78.0/24",
+    gateway: "10.88.78.1",
+    mtu: 1500,
+};
+const SINK_PORT: u16 = 5001;
+const ECHO_PORT: u16 = 5002;
+/// Where this process listens for the pods' sender (on every address, reached through the gateway IP).
+const HOST_PORT: u16 = 19191;
+const RTT_WARMUP: usize = 20;
+const RTT_COUNT: usize = 200;
+const RTT_SIZE: usize = 64;
+/// Bound on one transfer or one series of round trips.
+const NET_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A benchmark pod and its server container.
+struct NetPod {
+    handler: &'static str,
+    srv: String,
+    ip: String,
+}
+
+/// One handler's measurements.
+#[derive(Default)]
+struct NetSample {
+    to_pod: Vec<f64>,
+    from_pod: Vec<f64>,
+    rtt: Vec<Duration>,
+    errors: Vec<String>,
+}
+
+/// Starts a pod on the bridge with the busybox servers, and waits until both answer.
+async fn start_net_pod(
+    c: &CriContainerd,
+    cri: &Cri,
+    handler: &'static str,
+    ids: &mut Vec<String>,
+) -> anyhow::Result<NetPod> {
+    let name = format!("netbench-{handler}");
+    let cfg = net_pod_config(c, &name);
+    let t = Instant::now();
+    let id = cri
+        .run_pod(&cfg, handler)
+        .await
+        .with_context(|| format!("RunPodSandbox {name}"))?;
+    ids.push(id.clone());
+    let script = netbench::pod_servers_script(SINK_PORT, ECHO_PORT);
+    let srv = cri
+        .run_container(&id, &cfg, container_config("srv", &["sh", "-c", &script]))
+        .await
+        .with_context(|| format!("server container of {name}"))?;
+    let (ip, _) = pod_network(cri, &id).await.map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!ip.is_empty(), "PodSandboxStatus of {name} has no IP");
+    // The servers are up when an empty transfer gets the sink's report and a round trip comes back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (sink, echo) = (sock(&ip, SINK_PORT)?, sock(&ip, ECHO_PORT)?);
+        let probe = tokio::task::spawn_blocking(move || {
+            netbench::send_to_sink(sink, 0, Duration::from_secs(10))?;
+            netbench::round_trips(echo, 0, 1, 1, Duration::from_secs(10))
+        })
+        .await?;
+        match probe {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{name}'s servers never answered")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    info!(
+        "pod {name}: {ip}, servers answering after {:?}",
+        t.elapsed()
+    );
+    Ok(NetPod { handler, srv, ip })
+}
+
+fn sock(ip: &str, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+    format!("{ip}:{port}")
+        .parse()
+        .with_context(|| format!("address {ip}:{port}"))
+}
+
+/// Host → pod: MiB/s.
+async fn to_pod(pod: &NetPod, bytes: u64) -> anyhow::Result<f64> {
+    let addr = sock(&pod.ip, SINK_PORT)?;
+    let took =
+        tokio::task::spawn_blocking(move || netbench::send_to_sink(addr, bytes, NET_TIMEOUT))
+            .await??;
+    Ok(mib_per_s(bytes, took))
+}
+
+/// Pod → host: MiB/s of what this process received, which must be every byte the pod sent.
+async fn from_pod(cri: &Cri, pod: &NetPod, bytes: u64) -> anyhow::Result<f64> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", HOST_PORT))
+        .with_context(|| format!("listen on :{HOST_PORT}"))?;
+    let receiver =
+        tokio::task::spawn_blocking(move || netbench::receive_all(&listener, NET_TIMEOUT));
+    let script = netbench::pod_sender_script(bytes, NET.gateway, HOST_PORT);
+    let sent = cri
+        .exec_sync_timeout(
+            &pod.srv,
+            &["sh", "-c", &script],
+            NET_TIMEOUT.as_secs() as i64,
+        )
+        .await;
+    let (got, took) = receiver.await??;
+    match sent {
+        Ok(r) if r.exit_code == 0 => {}
+        Ok(r) => bail!(
+            "the pod's sender exited {}: {}",
+            r.exit_code,
+            String::from_utf8_lossy(&r.stderr)
+        ),
+        Err(e) => bail!("ExecSync of the sender: {}", e.message()),
+    }
+    anyhow::ensure!(got == bytes, "received {got} of {bytes} bytes");
+    Ok(mib_per_s(bytes, took))
+}
+
+async fn rtt(pod: &NetPod) -> anyhow::Result<Vec<Duration>> {
+    let addr = sock(&pod.ip, ECHO_PORT)?;
+    tokio::task::spawn_blocking(move || {
+        netbench::round_trips(addr, RTT_WARMUP, RTT_COUNT, RTT_SIZE, NET_TIMEOUT)
+    })
+    .await?
+}
+
+/// One run on one pod: the three measurements, recorded in `s`.
+async fn net_run(cri: &Cri, pod: &NetPod, bytes: u64, s: &mut NetSample) {
+    let t = Instant::now();
+    match to_pod(pod, bytes).await {
+        Ok(v) => s.to_pod.push(v),
+        Err(e) => s.errors.push(format!("host→pod: {e:#}")),
+    }
+    match from_pod(cri, pod, bytes).await {
+        Ok(v) => s.from_pod.push(v),
+        Err(e) => s.errors.push(format!("pod→host: {e:#}")),
+    }
+    match rtt(pod).await {
+        Ok(v) => s.rtt.extend(v),
+        Err(e) => s.errors.push(format!("round trips: {e:#}")),
+    }
+    info!(
+        "{}: host→pod {:?} MiB/s, pod→host {:?} MiB/s, {} round trips, in {:?}",
+        pod.handler,
+        s.to_pod.last(),
+        s.from_pod.last(),
+        s.rtt.len(),
+        t.elapsed()
+    );
+}
+
+fn median_f64(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The network section: both pods, `runs` alternating runs, the table.
+async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
+    let cri = c.client().await;
+    let mut ids = Vec::new();
+    let mut samples: Vec<(&'static str, NetSample)> = vec![
+        ("capsa", NetSample::default()),
+        ("runc", NetSample::default()),
+    ];
+    let bytes = mib * 1024 * 1024;
+    let started = Instant::now();
+    let run = async {
+        wait_network_ready(&cri).await.map_err(anyhow::Error::msg)?;
+        let mut pods = Vec::new();
+        for (handler, _) in &samples {
+            pods.push(start_net_pod(c, &cri, handler, &mut ids).await?);
+        }
+        for i in 0..runs {
+            for (pod, (_, s)) in pods.iter().zip(samples.iter_mut()) {
+                info!("net run {i}: {}", pod.handler);
+                net_run(&cri, pod, bytes, s).await;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let outcome = match tokio::time::timeout(Duration::from_secs(600), run).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("the network section timed out after 600 s")),
+    };
+    for id in &ids {
+        if let Err(e) = cri.remove_pod(id).await {
+            warn!("remove pod {id}: {}", e.message());
+        }
+    }
+    info!("network section: {:?}", started.elapsed());
+    println!(
+        "== pod network through CRI (CNI bridge + host-local, busybox nc in the pod; {runs} runs each, \
+         capsa and runc alternating; {mib} MiB per transfer; {RTT_COUNT} round trips of {RTT_SIZE} B per run)"
+    );
+    if let Err(e) = &outcome {
+        println!("  error: {e:#}");
+    }
+    let get = |h: &str| samples.iter().find(|(n, _)| *n == h).map(|(_, s)| s);
+    let (cs, rs) = (get("capsa").unwrap(), get("runc").unwrap());
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let rtt_stat = |s: &NetSample, p: f64| (!s.rtt.is_empty()).then(|| us(percentile(&s.rtt, p)));
+    let rows = [
+        (
+            "TCP host→pod (MiB/s)",
+            median_f64(&cs.to_pod),
+            median_f64(&rs.to_pod),
+        ),
+        (
+            "TCP pod→host (MiB/s)",
+            median_f64(&cs.from_pod),
+            median_f64(&rs.from_pod),
+        ),
+        (
+            "RTT 64 B, median (µs)",
+            rtt_stat(cs, 50.0),
+            rtt_stat(rs, 50.0),
+        ),
+        ("RTT 64 B, p90 (µs)", rtt_stat(cs, 90.0), rtt_stat(rs, 90.0)),
+    ];
+    println!(
+        "  {:24} {:>10} {:>10} {:>11}",
+        "", "capsa", "runc", "capsa/runc"
+    );
+    let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
+    for (what, c, r) in rows {
+        let ratio = match (c, r) {
+            (Some(c), Some(r)) if r > 0.0 => format!("{:.2}", c / r),
+            _ => "n/a".into(),
+        };
+        println!("  {what:24} {:>10} {:>10} {ratio:>11}", show(c), show(r));
+    }
+    for (h, s) in [("capsa", cs), ("runc", rs)] {
+        println!(
+            "  {h}: per run host→pod {:?} MiB/s, pod→host {:?} MiB/s",
+            s.to_pod
+                .iter()
+                .map(|v| (v * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            s.from_pod
+                .iter()
+                .map(|v| (v * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+        let mut errs = s.errors.clone();
+        errs.dedup();
+        for e in errs.iter().take(3) {
+            println!("  {h} error: {e}");
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut runs = 10usize;
+    let mut sections = vec!["start".to_owned(), "net".to_owned()];
+    let mut net_mib = 32u64;
+    let mut net_runs = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--runs" => runs = value()?.parse()?,
+            "--sections" => sections = value()?.split(',').map(str::to_owned).collect(),
+            "--net-mib" => net_mib = value()?.parse()?,
+            "--net-runs" => net_runs = value()?.parse()?,
+            "-h" | "--help" => {
+                println!(
+                    "usage: capsa-cri-bench [--runs N] [--sections start,net] [--net-mib N] [--net-runs N]"
+                );
+                return Ok(());
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if let Some(s) = sections
+        .iter()
+        .find(|s| !["start", "net"].contains(&s.as_str()))
+    {
+        bail!("unknown section {s} (start, net)");
+    }
+    anyhow::ensure!(net_mib > 0, "--net-mib must be positive");
+    if !capsa_e2e::cri::containerd_available("capsa-cri-bench") {
+        return Ok(());
+    }
+    let mut net = sections.iter().any(|s| s == "net");
+    let missing = missing_cni_plugins();
+    if net && !missing.is_empty() {
+        println!("== pod network: skipped, CNI plugins {missing:?} missing (apt-get install containernetworking-plugins)");
+        net = false;
+    }
+    let inputs = Inputs::from_env();
+    inputs.require();
+    // Pods of the start section use the host network: the CNI configuration does not touch them.
+    let conflist = net.then(|| NET.conflist());
+    let c = CriContainerd::start_with_cni(&inputs, conflist.as_deref());
+    let rt = tokio::runtime::Runtime::new()?;
+    if sections.iter().any(|s| s == "start") {
+        start_section(&rt, &c, runs);
+    }
+    if net {
+        rt.block_on(net_section(&c, net_mib, net_runs));
+    }
     drop(c);
+    if net {
+        NET.remove_bridge();
+    }
     Ok(())
 }
