@@ -4,6 +4,7 @@
 //! - [`agent_client`]: the ttrpc client of the in-guest agent.
 //! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
 //! - [`virtiofsd`]: the virtio-fs backend of a sandbox's shared directory.
+//! - [`supervise`]: a helper the guest depends on (virtiofsd) that dies takes the VM down (pidfds).
 //! - [`check`]: host capability checks.
 //! - [`network`]: a pod network namespace joined to tap devices for the VMM (tc redirects, as Kata).
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
@@ -17,5 +18,6 @@ pub mod network;
 pub mod oci_image;
 pub mod run;
 pub mod shim;
+pub mod supervise;
 pub mod virtiofsd;
 pub mod vm;

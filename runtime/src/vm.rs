@@ -446,6 +446,8 @@ pub struct Vm {
     stop_timeout: Duration,
     /// The shared directory's backend; killed on drop (before the directory goes).
     virtiofsd: Option<Virtiofsd>,
+    /// Kills the VMM if virtiofsd dies first (see [`crate::supervise`]); aborted when the VM stops.
+    virtiofsd_watch: Option<JoinHandle<()>>,
     // Last: removed after the VMM has been killed in Drop.
     _dir: DirGuard,
 }
@@ -597,6 +599,12 @@ impl Vm {
             Ok(Ok(agent)) => {
                 let ready_after = spawned_at.elapsed();
                 tracing::info!(sandbox = sandbox_id, pid, ?ready_after, "VM ready");
+                // A dead virtiofsd would leave every file access of the guest blocked: stop the VM.
+                let virtiofsd_watch = virtiofsd.as_ref().and_then(|v| v.pid()).and_then(|vpid| {
+                    crate::supervise::stop_vm_when_helper_dies(sandbox_id, "virtiofsd", vpid, pid)
+                        .map_err(|e| tracing::warn!(sandbox = sandbox_id, error = %e, "cannot supervise virtiofsd"))
+                        .ok()
+                });
                 Ok(Vm {
                     id: sandbox_id.to_owned(),
                     paths,
@@ -609,6 +617,7 @@ impl Vm {
                     ready_after,
                     stop_timeout: config.stop_timeout,
                     virtiofsd,
+                    virtiofsd_watch,
                     _dir: dir,
                 })
             }
@@ -693,6 +702,10 @@ impl Vm {
         let Some(mut child) = self.child.take() else {
             return Err(VmError::Wait(std::io::Error::other("VMM already reaped")));
         };
+        // virtiofsd ends after the VMM now, as it should.
+        if let Some(w) = self.virtiofsd_watch.take() {
+            w.abort();
+        }
         let destroy_error =
             match tokio::time::timeout(self.stop_timeout, self.agent.destroy_sandbox()).await {
                 Ok(Ok(())) => None,
@@ -754,6 +767,9 @@ impl Drop for Vm {
         }
         if let Some(task) = self.stderr_task.take() {
             task.abort();
+        }
+        if let Some(w) = self.virtiofsd_watch.take() {
+            w.abort();
         }
     }
 }

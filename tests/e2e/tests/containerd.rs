@@ -1,6 +1,7 @@
 //! containerd 1.6 (Debian's package) runs containers in capsa microVMs through
 //! `containerd-shim-capsa-v2`: `ctr run` prints the container's output and passes its exit code on,
-//! `ctr task exec` works, and kill + delete leave no VMM, shim or sandbox directory behind.
+//! `ctr task exec` works, and kill + delete leave no VMM, shim or sandbox directory behind, also when
+//! virtiofsd is killed under a running task (the VM is stopped, the task exits).
 //! Gated on CAPSA_E2E=1 (the nested test host, or a host with hardware virtualisation) and on
 //! `containerd`/`ctr` being installed.
 
@@ -187,6 +188,33 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Pids of processes whose executable name is `program` and whose command line mentions `needle`.
+fn pids_of(program: &str, needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (comm.trim() == program && String::from_utf8_lossy(&cmdline).contains(needle))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn parent_pid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn vmm_processes(needle: &str) -> usize {
     std::fs::read_dir("/proc")
         .map(|d| {
@@ -276,6 +304,58 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let o = c.ctr(&["container", "rm", "e2e-long"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // virtiofsd killed under a running task: the VM is stopped, the task exits (no wedge), and
+    // delete works.
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "e2e-fsd",
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let sandbox_dir = c.state_dir().join("e2e-fsd");
+    let fsd = pids_of("virtiofsd", &sandbox_dir.to_string_lossy());
+    // With `--sandbox namespace` virtiofsd forks: kill the worker (the child) if there is one.
+    let worker = fsd
+        .iter()
+        .copied()
+        .find(|p| fsd.contains(&parent_pid(*p)))
+        .or_else(|| fsd.first().copied())
+        .unwrap_or_else(|| panic!("no virtiofsd for {}", sandbox_dir.display()));
+    let killed = Instant::now();
+    let o = Command::new("kill")
+        .args(["-9", &worker.to_string()])
+        .output()
+        .expect("kill");
+    assert!(o.status.success(), "{}", text(&o));
+    let stopped_after = loop {
+        let o = c.ctr(&["task", "ls"]);
+        let line = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("e2e-fsd "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        if line.contains("STOPPED") {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "e2e-fsd still {line:?} 30 s after virtiofsd was killed"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("virtiofsd killed: task STOPPED after {stopped_after:?}");
+    let o = c.ctr(&["task", "rm", "e2e-fsd"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = c.ctr(&["container", "rm", "e2e-fsd"]);
     assert!(o.status.success(), "{}", text(&o));
 
     // Nothing left: no VMM, no sandbox directory, no shim.
