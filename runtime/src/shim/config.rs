@@ -55,6 +55,8 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("VM too large: {0}")]
+    TooLarge(String),
     #[error("configuration: {0}")]
     Invalid(String),
 }
@@ -275,17 +277,45 @@ impl CapsaConfig {
         if !memory_annotated {
             if let Some(bytes) = limits.memory_bytes {
                 let mib = bytes.div_ceil(1 << 20);
-                size.memory_mib = (GUEST_BASE_MEMORY_MIB + mib)
-                    .max(size.memory_mib)
-                    .min(h.max_memory_mib);
+                let want = GUEST_BASE_MEMORY_MIB.saturating_add(mib);
+                // Refused, not cut: a smaller VM would OOM-kill the container below its own limit.
+                if want > h.max_memory_mib {
+                    return Err(ConfigError::TooLarge(format!(
+                        "the container's memory limit of {mib} MiB needs a {want} MiB VM (the limit plus \
+                         {GUEST_BASE_MEMORY_MIB} MiB for the guest), over hypervisor.max_memory_mib = {} MiB",
+                        h.max_memory_mib
+                    )));
+                }
+                size.memory_mib = want.max(size.memory_mib);
             }
         }
         if !vcpus_annotated {
             if let Some(cpus) = limits.cpus() {
-                size.vcpus = (h.default_vcpus + cpus).min(h.max_vcpus);
+                let want = h.default_vcpus.saturating_add(cpus);
+                if want > h.max_vcpus {
+                    // A CPU limit only caps the container's share: fewer vCPUs are still correct.
+                    tracing::warn!(
+                        want,
+                        max_vcpus = h.max_vcpus,
+                        "CPU limit wants more vCPUs than hypervisor.max_vcpus; using the maximum"
+                    );
+                }
+                size.vcpus = want.min(h.max_vcpus);
             }
         }
         Ok(size)
+    }
+
+    /// Refuses a VM whose memory is more than the host has (`host_total_mib`, from /proc/meminfo):
+    /// it could never be backed, and would push the node into swap or the OOM killer.
+    pub fn check_host_memory(size: VmSize, host_total_mib: u64) -> Result<(), ConfigError> {
+        if size.memory_mib > host_total_mib {
+            return Err(ConfigError::TooLarge(format!(
+                "a {} MiB VM is more than this host's {host_total_mib} MiB of memory",
+                size.memory_mib
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -512,6 +542,21 @@ mod tests {
             .vm_size(&ann(&[(ANNOTATION_MEMORY, "300")]), limits)
             .unwrap();
         assert_eq!(size.memory_mib, 300);
+        // Over the maximum: refused with the numbers, not cut down.
+        let huge = ContainerLimits {
+            memory_bytes: Some(1 << 40),
+            ..Default::default()
+        };
+        let e = cfg.vm_size(&ann(&[]), huge).unwrap_err().to_string();
+        assert!(
+            e.contains("1048576 MiB") && e.contains("max_memory_mib = 8192"),
+            "{e}"
+        );
+        let e = CapsaConfig::check_host_memory(size, 200)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("300 MiB VM") && e.contains("200 MiB"), "{e}");
+        CapsaConfig::check_host_memory(size, 300).unwrap();
         // no limit set: -1 or absent
         let spec = serde_json::json!({"linux": {"resources": {"memory": {"limit": -1}}}});
         assert_eq!(

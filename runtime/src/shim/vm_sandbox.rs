@@ -180,6 +180,20 @@ pub async fn build_rootfs_image(dir: &Path, image: &Path) -> Result<(), SandboxE
     Ok(())
 }
 
+/// The host's memory (`MemTotal` of /proc/meminfo) in MiB; `None` when it cannot be read.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
 /// Boots capsa microVMs per [`CapsaConfig`].
 pub struct VmFactory {
     pub config: CapsaConfig,
@@ -199,6 +213,10 @@ impl SandboxFactory for VmFactory {
             .config
             .vm_size(&annotations, ContainerLimits::from_spec(&spec))
             .map_err(|e| SandboxError::InvalidArgument(e.to_string()))?;
+        if let Some(host_mib) = host_memory_mib() {
+            CapsaConfig::check_host_memory(size, host_mib)
+                .map_err(|e| SandboxError::InvalidArgument(e.to_string()))?;
+        }
         let (mode, virtiofsd) = self
             .config
             .hypervisor
