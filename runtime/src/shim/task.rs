@@ -76,6 +76,28 @@ pub fn now_ns() -> u64 {
         .unwrap_or_default()
 }
 
+/// A bundle's rootfs must be a real directory: a symlink (say to `/`) would share whatever it points
+/// at with the guest, read-write; runc refuses it too.
+pub(crate) fn check_rootfs(rootfs: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(rootfs) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let target = std::fs::read_link(rootfs)
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            Err(format!(
+                "rootfs {} is a symlink (to {target}): invalid rootfs, refused",
+                rootfs.display()
+            ))
+        }
+        Ok(m) if !m.is_dir() => Err(format!(
+            "rootfs {} is not a directory: invalid rootfs",
+            rootfs.display()
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("rootfs {}: {e}", rootfs.display())),
+    }
+}
+
 /// Something that mounts containerd's rootfs mounts (tests replace it).
 #[async_trait]
 pub trait RootfsMounter: Send + Sync + 'static {
@@ -518,6 +540,13 @@ impl Task for TaskService {
                 .mount(&req.rootfs, &rootfs)
                 .await
                 .map_err(|e| status(ttrpc::Code::INTERNAL, e))?;
+        }
+        // Checked before anything reaches the guest, which would otherwise write through it.
+        if let Err(reason) = check_rootfs(&rootfs) {
+            if rootfs_mounted {
+                let _ = self.inner.mounter.unmount(&rootfs).await;
+            }
+            return Err(status(ttrpc::Code::INVALID_ARGUMENT, reason));
         }
         let creq = ContainerRequest {
             container_id: cid.clone(),

@@ -953,3 +953,45 @@ async fn many_create_delete_cycles_leave_nothing() {
     assert_eq!(m.iter().filter(|s| s.starts_with("mount")).count(), 20);
     assert_eq!(m.iter().filter(|s| s.starts_with("unmount")).count(), 20);
 }
+
+#[tokio::test]
+async fn a_rootfs_that_is_a_symlink_or_missing_is_refused_before_the_guest_sees_it() {
+    let h = harness();
+    // A symlink to `/`: refused, naming it, and nothing is created or left mounted.
+    let bundle = h.bundle("c-link", serde_json::json!({}));
+    let rootfs = std::path::Path::new(&bundle).join("rootfs");
+    std::fs::remove_dir(&rootfs).unwrap();
+    std::os::unix::fs::symlink("/", &rootfs).unwrap();
+    let e = h
+        .svc
+        .create(
+            &ctx(),
+            api::CreateTaskRequest {
+                id: "c-link".into(),
+                bundle: bundle.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    let text = format!("{e:?}");
+    assert!(text.contains("is a symlink (to /)"), "{text}");
+    assert_eq!(code(e), ttrpc::Code::INVALID_ARGUMENT);
+    // Missing: refused too.
+    std::fs::remove_file(&rootfs).unwrap();
+    let e = h
+        .svc
+        .create(
+            &ctx(),
+            api::CreateTaskRequest {
+                id: "c-link".into(),
+                bundle,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), ttrpc::Code::INVALID_ARGUMENT);
+    // A healthy container is created right after.
+    h.create("c-ok", "").await.unwrap();
+}
