@@ -480,6 +480,26 @@ impl Containers {
         let mut spec = spec;
         let net_sysctls = spec::take_net_sysctls(&mut spec)?;
         let spec = spec::prepare_spec(spec, &ctx)?;
+        // A missing cwd is created, as runc does (libcontainer would fail the exec with EINVAL).
+        let root_and_process = (spec.root().as_ref(), spec.process().as_ref());
+        if let (Some(root), Some(process)) = root_and_process {
+            if !root.path().is_absolute() {
+                return Err(ContainerError::InvalidArgument(format!(
+                    "root.path {} is not absolute after preparation",
+                    root.path().display()
+                )));
+            }
+            let (rootfs, cwd) = (root.path().clone(), process.cwd().clone());
+            let shown = cwd.clone();
+            blocking(move || path::create_dir_in_root(&rootfs, &cwd))
+                .await?
+                .map_err(|e| {
+                    ContainerError::InvalidArgument(format!(
+                        "process.cwd {}: cannot create it in the rootfs: {e}",
+                        shown.display()
+                    ))
+                })?;
+        }
         set_pod_sysctls(&net_sysctls)?;
         for src in spec::propagated_bind_sources(&spec) {
             let src2 = src.clone();

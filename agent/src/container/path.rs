@@ -139,6 +139,25 @@ pub fn resolve_in_root(root: &Path, unsafe_path: &Path) -> Result<PathBuf, PathE
     Ok(join_parts(root, &resolved))
 }
 
+/// Creates the directory `path` (as the container sees it) inside `root` if it does not exist, the
+/// way runc creates a missing `process.cwd`: resolved with [`resolve_in_root`], so nothing is created
+/// outside the root. Returns whether it created anything; a path that resolves outside the root is
+/// left alone (`Ok(false)`: the runtime then reports the cwd as it finds it).
+pub fn create_dir_in_root(root: &Path, path: &Path) -> std::io::Result<bool> {
+    let Ok(host) = resolve_in_root(root, path) else {
+        return Ok(false);
+    };
+    if std::fs::symlink_metadata(&host).is_ok() {
+        return Ok(false);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&host)?;
+    Ok(true)
+}
+
 fn comps(p: &Path) -> Vec<OsString> {
     p.components()
         .filter_map(|c| match c {
@@ -270,5 +289,23 @@ mod tests {
         assert!(check_id("container", ".hidden").is_err());
         assert!(check_id("container", "a/b").is_err());
         assert!(check_id("container", &"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn a_missing_cwd_is_created_inside_the_root_only() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("srv")).unwrap();
+        assert!(create_dir_in_root(&root, Path::new("/work/dir")).unwrap());
+        assert!(root.join("work/dir").is_dir());
+        assert!(!create_dir_in_root(&root, Path::new("/work/dir")).unwrap());
+        assert!(!create_dir_in_root(&root, Path::new("/srv")).unwrap());
+        // Through a symlink that leaves the root: nothing is created anywhere.
+        std::os::unix::fs::symlink("/", root.join("out")).unwrap();
+        assert!(!create_dir_in_root(&root, Path::new("/out/capsa-cwd-test")).unwrap());
+        assert!(!Path::new("/capsa-cwd-test").exists());
+        std::os::unix::fs::symlink("../..", root.join("up")).unwrap();
+        assert!(!create_dir_in_root(&root, Path::new("/up/escaped")).unwrap());
+        assert!(!d.path().join("escaped").exists());
     }
 }

@@ -251,6 +251,16 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
     let o = run("e2e-exit", &["sh", "-c", "exit 3"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 
+    // A cwd the image lacks is created, as runc does.
+    let o = c.run_rm(&["--cwd", "/capsa/new/cwd"], "e2e-cwd", &["pwd"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "/capsa/new/cwd",
+        "{}",
+        text(&o)
+    );
+
     // A long-running container: exec into it, then kill and delete it.
     let o = c.ctr(&[
         "run",
