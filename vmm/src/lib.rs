@@ -10,6 +10,7 @@ pub mod config;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio_wiring;
 pub mod vmm;

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::chain::DeviceQueue;
 use super::VirtioInterrupt;
 use crate::devices::GuestMemoryMmap;
+pub use crate::seccomp::ThreadKind;
 
 /// A running worker; `T` is what the thread returns when stopped.
 pub struct Worker<T> {
@@ -20,16 +21,15 @@ pub struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Start `f` on a new thread; it must return soon after the eventfd it gets becomes readable.
-    pub fn spawn<F>(name: &str, f: F) -> io::Result<Self>
+    /// Start `f` on a new thread; it must return soon after the eventfd it gets becomes readable. The thread
+    /// runs under `kind`'s seccomp filter when the VM has filters on (see `crate::seccomp`).
+    pub fn spawn<F>(name: &str, kind: ThreadKind, f: F) -> io::Result<Self>
     where
         F: FnOnce(EventFd) -> T + Send + 'static,
     {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || f(theirs))?;
+        let handle = crate::seccomp::spawn_filtered(name, kind, move || f(theirs))?;
         Ok(Self {
             kill,
             handle: Some(handle),

@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, DeviceQueue};
-use super::worker::Worker;
+use super::worker::{ThreadKind, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 use muxer::Muxer;
@@ -201,7 +201,11 @@ impl VirtioDevice for Vsock {
             muxer,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
         };
-        self.worker = Some(Worker::spawn("capsa-vsock", move |kill| worker.run(kill))?);
+        self.worker = Some(Worker::spawn(
+            "capsa-vsock",
+            ThreadKind::Vsock,
+            move |kill| worker.run(kill),
+        )?);
         Ok(())
     }
 
