@@ -70,14 +70,13 @@ pub fn allowlist(kind: ThreadKind, pid: u32) -> Result<Allowlist, BackendError> 
             // Device activation: eventfds for the worker and the vhost-user rings, the vhost-user
             // protocol on the already-connected frontend socket, and starting workers through the
             // launcher; device reset stops them.
-            a.allow(&[
-                SYS_eventfd2,
+            a.allow(&[SYS_eventfd2, SYS_read, SYS_sendmsg, SYS_recvmsg]);
+            // EventFd::try_clone, and the flags of descriptors handed to workers.
+            a.allow_arg(
                 SYS_fcntl,
-                SYS_read,
-                SYS_sendmsg,
-                SYS_recvmsg,
-                SYS_recvfrom,
-            ]);
+                1,
+                &[F_DUPFD_CLOEXEC, F_GETFL, F_SETFL].map(|c| c as u64),
+            )?;
         }
         ThreadKind::SerialStdin => {
             a.allow(&[SYS_read]);
@@ -102,33 +101,27 @@ pub fn allowlist(kind: ThreadKind, pid: u32) -> Result<Allowlist, BackendError> 
             ]);
         }
         ThreadKind::Blk => {
-            epoll(&mut a).allow(&[
-                SYS_pread64,
-                SYS_pwrite64,
-                SYS_preadv,
-                SYS_pwritev,
-                SYS_lseek,
-                SYS_fsync,
-                SYS_fdatasync,
-            ]);
+            // Positioned reads and writes on the image opened at setup; flush is fdatasync.
+            epoll(&mut a).allow(&[SYS_pread64, SYS_pwrite64, SYS_fdatasync]);
         }
         ThreadKind::Rng => {
             epoll(&mut a);
         }
         ThreadKind::Net => {
-            epoll(&mut a).allow(&[SYS_readv, SYS_writev]);
+            // Frames are read(2) from and write(2) to the tap opened (or inherited) at setup.
+            epoll(&mut a);
         }
         ThreadKind::Vsock => {
+            // Host connections accepted on the listener bound at setup; stream I/O; half-close.
             epoll(&mut a).allow(&[
                 SYS_accept4,
                 SYS_connect,
-                SYS_getsockopt,
                 SYS_shutdown,
                 SYS_recvfrom,
                 SYS_sendto,
-                SYS_fcntl,
             ]);
-            // Guest-initiated connections go to `<uds>_<port>`: Unix sockets only.
+            // Guest-initiated connections go to `<uds>_<port>`: Unix sockets only (connect is by path: the
+            // one path-based operation a running VMM does, and only on Unix sockets next to its own).
             a.allow_arg(SYS_socket, 0, &[AF_UNIX as u64])?;
             a.allow_arg(SYS_ioctl, 1, &[kvm::FIONBIO])?;
         }
