@@ -12,10 +12,10 @@ const KVMIO: u64 = 0xae;
 pub const KVM_RUN: u64 = io(KVMIO, 0x80);
 
 /// The tap ioctl a net device issues when the guest activates it (offloads follow the acked features).
-pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
+pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 
 /// `FIONBIO`, which std's `set_nonblocking` on sockets uses (vsock host connections).
-pub const FIONBIO: u64 = libc::FIONBIO as u64;
+pub const FIONBIO: u64 = libc::FIONBIO;
 
 #[cfg(test)]
 mod tests {
