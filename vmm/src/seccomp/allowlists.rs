@@ -66,11 +66,25 @@ pub fn allowlist(kind: ThreadKind, pid: u32) -> Result<Allowlist, BackendError> 
             a.allow(&[SYS_unlink, SYS_unlinkat]);
         }
         ThreadKind::Vcpu => {
-            a.allow_arg(SYS_ioctl, 1, &[kvm::KVM_RUN, kvm::TUNSETOFFLOAD])?;
+            // KVM_RUN; at activation, the tap's offloads (net) and a non-blocking listener (vsock).
+            a.allow_arg(
+                SYS_ioctl,
+                1,
+                &[kvm::KVM_RUN, kvm::TUNSETOFFLOAD, kvm::FIONBIO],
+            )?;
             // Device activation: eventfds for the worker and the vhost-user rings, the vhost-user
             // protocol on the already-connected frontend socket, and starting workers through the
             // launcher; device reset stops them.
-            a.allow(&[SYS_eventfd2, SYS_read, SYS_sendmsg, SYS_recvmsg]);
+            // The workers' epoll sets are made at activation, on this thread (measured in the test host:
+            // epoll_create1, epoll_ctl).
+            a.allow(&[
+                SYS_eventfd2,
+                SYS_read,
+                SYS_sendmsg,
+                SYS_recvmsg,
+                SYS_epoll_create1,
+                SYS_epoll_ctl,
+            ]);
             // EventFd::try_clone, and the flags of descriptors handed to workers.
             a.allow_arg(
                 SYS_fcntl,
