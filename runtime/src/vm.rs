@@ -11,6 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,125 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// How long the VMM has to exit after DestroySandbox (and again after SIGTERM).
     pub stop_timeout: Duration,
+    /// The VMM's per-thread seccomp filters (`--seccomp`); on unless configured otherwise.
+    pub seccomp: SeccompMode,
+}
+
+/// capsa-vmm's `--seccomp` modes. In capsa's configuration: `seccomp = true` (on), `false` (off) or
+/// `"log"` (violations allowed and logged by the kernel, to find a syscall a filter misses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    #[default]
+    On,
+    Off,
+    Log,
+}
+
+impl SeccompMode {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            SeccompMode::On => "on",
+            SeccompMode::Off => "off",
+            SeccompMode::Log => "log",
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SeccompMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Value {
+            Bool(bool),
+            Name(String),
+        }
+        match Value::deserialize(d)? {
+            Value::Bool(true) => Ok(SeccompMode::On),
+            Value::Bool(false) => Ok(SeccompMode::Off),
+            Value::Name(n) => match n.as_str() {
+                "on" => Ok(SeccompMode::On),
+                "off" => Ok(SeccompMode::Off),
+                "log" => Ok(SeccompMode::Log),
+                _ => Err(serde::de::Error::custom(format!(
+                    "seccomp = {n:?}: expected true, false, \"on\", \"off\" or \"log\""
+                ))),
+            },
+        }
+    }
+}
+
+/// Watches the VMM process without reaping it (waitid with WNOWAIT, so `Child::wait` still gets the
+/// status), so a VMM that dies while the VM should be running is logged at once, with the cause.
+#[derive(Debug, Clone)]
+struct VmmExitWatch {
+    /// Set once the runtime stops the VM itself: the exit is then expected.
+    stopping: Arc<AtomicBool>,
+    /// How the VMM ended, once it has.
+    ended: Arc<Mutex<Option<String>>>,
+}
+
+impl VmmExitWatch {
+    fn start(sandbox: &str, pid: u32) -> Self {
+        let watch = Self {
+            stopping: Arc::new(AtomicBool::new(false)),
+            ended: Arc::new(Mutex::new(None)),
+        };
+        let Ok(raw) = i32::try_from(pid) else {
+            return watch;
+        };
+        let (stopping, ended, sandbox) = (
+            watch.stopping.clone(),
+            watch.ended.clone(),
+            sandbox.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+            let status = loop {
+                match waitid(Id::Pid(nix::unistd::Pid::from_raw(raw)), flags) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // Already reaped (the VM was stopped and waited for): nothing to report here.
+                    Err(_) => return,
+                    Ok(s) => break s,
+                }
+            };
+            let what = match status {
+                WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _) => {
+                    "capsa-vmm killed by SIGSYS (a seccomp violation: a VMM thread made a syscall outside its filter)"
+                        .to_string()
+                }
+                WaitStatus::Signaled(_, sig, _) => format!("capsa-vmm killed by {sig}"),
+                WaitStatus::Exited(_, code) => format!("capsa-vmm exited with status {code}"),
+                other => format!("capsa-vmm ended ({other:?})"),
+            };
+            if stopping.load(Ordering::Acquire) {
+                tracing::debug!(%sandbox, "{what}");
+            } else {
+                tracing::error!(%sandbox, pid, "the VM died: {what}");
+            }
+            if let Ok(mut e) = ended.lock() {
+                *e = Some(what);
+            }
+        });
+        watch
+    }
+}
+
+/// How the VMM process ended, in words; a seccomp violation is named as such.
+pub fn describe_vmm_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGSYS)) => {
+            "capsa-vmm killed by SIGSYS (a seccomp violation: a VMM thread made a syscall outside its filter)"
+                .to_string()
+        }
+        (_, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("capsa-vmm killed by {s}"),
+            Err(_) => format!("capsa-vmm killed by signal {sig}"),
+        },
+        (Some(_), _) => format!("capsa-vmm {status}"),
+        (None, None) => format!("capsa-vmm ended ({status})"),
+    }
 }
 
 impl VmConfig {
@@ -122,6 +242,7 @@ impl VmConfig {
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
             boot_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
+            seccomp: SeccompMode::On,
         }
     }
 
@@ -156,6 +277,8 @@ impl VmConfig {
             paths.vsock.clone().into(),
             "--console-log".into(),
             paths.console_log.clone().into(),
+            "--seccomp".into(),
+            self.seccomp.as_arg().into(),
         ];
         if let Some(initrd) = &self.initrd {
             args.push("--initrd".into());
@@ -448,6 +571,7 @@ pub struct Vm {
     virtiofsd: Option<Virtiofsd>,
     /// Kills the VMM if virtiofsd dies first (see [`crate::supervise`]); aborted when the VM stops.
     virtiofsd_watch: Option<JoinHandle<()>>,
+    exit_watch: VmmExitWatch,
     // Last: removed after the VMM has been killed in Drop.
     _dir: DirGuard,
 }
@@ -568,6 +692,19 @@ impl Vm {
             }
         })?;
         let pid = child.id().unwrap_or(0);
+        match config.seccomp {
+            SeccompMode::On => {}
+            SeccompMode::Off => tracing::warn!(
+                sandbox = sandbox_id,
+                "seccomp is OFF (configuration): capsa-vmm runs without syscall filters; use only for debugging"
+            ),
+            SeccompMode::Log => tracing::warn!(
+                sandbox = sandbox_id,
+                "seccomp is in LOG mode (configuration): capsa-vmm's filters only log violations (dmesg, audit \
+                 type=1326); the VMM is not confined"
+            ),
+        }
+        let exit_watch = VmmExitWatch::start(sandbox_id, pid);
         let stderr_log = Arc::new(Mutex::new(StderrLog::default()));
         let (timer_tx, timer_rx) = watch::channel(None);
         let stderr_task = child
@@ -618,10 +755,12 @@ impl Vm {
                     stop_timeout: config.stop_timeout,
                     virtiofsd,
                     virtiofsd_watch,
+                    exit_watch,
                     _dir: dir,
                 })
             }
             Ok(Err(source)) => {
+                exit_watch.stopping.store(true, Ordering::Release);
                 let _ = child.start_kill();
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 let (stderr_tail, console_tail) = tails(stderr_task).await;
@@ -633,7 +772,7 @@ impl Vm {
             }
             Err(status) => {
                 let status = match status {
-                    Ok(s) => s.to_string(),
+                    Ok(s) => describe_vmm_exit(&s),
                     Err(e) => format!("wait failed: {e}"),
                 };
                 let (stderr_tail, console_tail) = tails(stderr_task).await;
@@ -658,6 +797,11 @@ impl Vm {
     /// The VMM's process id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// How the VMM ended, if it has (e.g. "capsa-vmm killed by SIGSYS (a seccomp violation ...)").
+    pub fn vmm_ended(&self) -> Option<String> {
+        self.exit_watch.ended.lock().ok().and_then(|e| e.clone())
     }
 
     pub fn paths(&self) -> &SandboxPaths {
@@ -706,6 +850,10 @@ impl Vm {
         if let Some(w) = self.virtiofsd_watch.take() {
             w.abort();
         }
+        if let Some(ended) = self.vmm_ended() {
+            tracing::error!(sandbox = %self.id, "stopping a VM whose VMM is gone: {ended}");
+        }
+        self.exit_watch.stopping.store(true, Ordering::Release);
         let destroy_error =
             match tokio::time::timeout(self.stop_timeout, self.agent.destroy_sandbox()).await {
                 Ok(Ok(())) => None,
@@ -749,7 +897,12 @@ impl Vm {
             // It exits by itself once the VMM is gone.
             v.stop(Duration::from_secs(2)).await;
         }
-        tracing::info!(sandbox = %self.id, %status, ?path, "VM stopped");
+        let ended = describe_vmm_exit(&status);
+        if status.code().is_none() && path == StopPath::Clean {
+            tracing::error!(sandbox = %self.id, ?path, "VM stopped: {ended}");
+        } else {
+            tracing::info!(sandbox = %self.id, %status, ?path, "VM stopped: {ended}");
+        }
         Ok(VmExit {
             status,
             path,
@@ -762,6 +915,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            self.exit_watch.stopping.store(true, Ordering::Release);
             tracing::debug!(sandbox = %self.id, pid = self.pid, "killing VMM");
             let _ = child.start_kill();
         }
@@ -945,6 +1099,78 @@ mod tests {
         assert!(msg.contains("cannot load kernel"), "{msg}");
         assert!(msg.contains("exit status: 2"), "{msg}");
         assert!(!c.run_root.join("sb2").exists());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_killed_by_sigsys_is_reported_as_a_seccomp_violation() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_files(dir.path());
+        // What the kernel does to capsa-vmm when a thread breaks its seccomp filter.
+        std::fs::write(
+            &c.vmm_binary,
+            "#!/bin/sh\necho starting >&2\nkill -SYS $$\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&c.vmm_binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Vm::start(&c, "sb5").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VmError::VmmExited { .. }), "{msg}");
+        assert!(
+            msg.contains("capsa-vmm killed by SIGSYS (a seccomp violation"),
+            "{msg}"
+        );
+        assert!(!c.run_root.join("sb5").exists());
+    }
+
+    #[tokio::test]
+    async fn the_exit_watch_names_the_signal_without_reaping() {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "kill -SYS $$"])
+            .spawn()
+            .unwrap();
+        let watch = VmmExitWatch::start("sb6", child.id().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ended = loop {
+            if let Some(e) = watch.ended.lock().unwrap().clone() {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "no exit seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(ended.contains("SIGSYS (a seccomp violation"), "{ended}");
+        // Not reaped by the watch: the owner still gets the status.
+        let status = child.wait().await.unwrap();
+        assert!(describe_vmm_exit(&status).contains("SIGSYS"), "{status}");
+    }
+
+    #[test]
+    fn seccomp_setting_and_flag() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            seccomp: SeccompMode,
+        }
+        for (toml, mode) in [
+            ("seccomp = true", SeccompMode::On),
+            ("seccomp = false", SeccompMode::Off),
+            ("seccomp = \"log\"", SeccompMode::Log),
+            ("seccomp = \"on\"", SeccompMode::On),
+        ] {
+            assert_eq!(toml::from_str::<T>(toml).unwrap().seccomp, mode, "{toml}");
+        }
+        assert!(toml::from_str::<T>("seccomp = \"maybe\"").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = fake_files(dir.path());
+        let paths = SandboxPaths::new(&c.run_root, "sb7");
+        let args = c.vmm_args(&paths);
+        let at = args
+            .iter()
+            .position(|a| a == "--seccomp")
+            .expect("--seccomp");
+        assert_eq!(args[at + 1], "on");
+        c.seccomp = SeccompMode::Off;
+        let args = c.vmm_args(&paths);
+        assert_eq!(args[at + 1], "off");
     }
 
     #[tokio::test]

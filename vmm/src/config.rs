@@ -6,6 +6,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::MAX_VCPUS;
+pub use crate::seccomp::SeccompMode;
 
 pub use crate::devices::legacy::DEFAULT_CONSOLE_LIMIT;
 
@@ -405,6 +406,9 @@ pub struct VmConfig {
     /// virtio-net devices on TAP interfaces, after every other device.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Per-thread seccomp filters (default on).
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 impl VmConfig {
@@ -423,6 +427,7 @@ impl VmConfig {
             console_limit: DEFAULT_CONSOLE_LIMIT,
             fs: vec![],
             net: vec![],
+            seccomp: SeccompMode::On,
         }
     }
 
@@ -553,6 +558,7 @@ pub struct ConfigFile {
     pub console_limit: Option<u64>,
     pub fs: Option<Vec<FsConfig>>,
     pub net: Option<Vec<NetConfig>>,
+    pub seccomp: Option<SeccompMode>,
 }
 
 pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
@@ -573,6 +579,7 @@ pub const HELP_AFTER: &str = r#"CONFIG FILE (--config FILE.json)
     fs           array    [{"tag": string, "socket": string, "queues": int (default 1),
                            "queue_size": int (default 1024)}], virtio-fs through a vhost-user backend
     net          array    [{"tap": string | "fd": int, "mac": string, "mtu": int}], virtio-net (see --net)
+    seccomp      string   "on" (default), "off" or "log": per-thread seccomp filters (see --seccomp)
   Example:
     {"kernel": "/var/cache/capsa/vmlinux", "initrd": "/var/cache/capsa/initrd.img",
      "cmdline": "console=ttyS0 reboot=k panic=-1 quiet", "vcpus": 2, "memory_mib": 256,
@@ -598,12 +605,20 @@ CONSOLE (--console-log FILE, --console-limit BYTES)
   The guest's COM1 output goes to FILE (truncated at start) or stdout. At most BYTES bytes of it are written
   (default 1048576); then one line "[capsa-vmm: console log limit of BYTES bytes reached; further output
   dropped]" is added, the rest is dropped, and the number of dropped bytes is logged (warn) when the VMM exits.
+SECCOMP (--seccomp on|off|log)
+  on (default): once the VM is built and before the guest runs, every thread installs a seccomp-bpf
+  allowlist of its own (main/control thread, each vCPU, each device worker kind, serial input): KVM_RUN and
+  a few tap/socket ioctls by number, no execve or fork, no open of new paths, sockets (Unix only) only in
+  the vsock worker. A syscall outside the list kills the process with SIGSYS. log: the same filters, but a
+  syscall outside them is allowed and logged by the kernel (dmesg, audit type=1326 with syscall=<nr>).
+  off: no filters (debugging only; a warning is logged).
 
 EXIT STATUS
   0  the guest stopped itself (i8042 reset, e.g. `reboot=k` reboot/poweroff; triple fault) or SIGTERM/SIGINT
      stopped the VM
   1  runtime failure (KVM error, vCPU error, device failure)
   2  bad configuration or usage (missing kernel, bad flag, bad JSON)
+  killed by SIGSYS: a thread made a syscall its seccomp filter does not allow (a VMM bug or an exploit)
 
 The first write to I/O port 0x440 prints `BOOT_TIMER start_to_kernel_entry_us=<A> kernel_entry_to_agent_us=<B>`
 on stderr. Logging: RUST_LOG (e.g. RUST_LOG=capsa_vmm=debug), to stderr."#;
@@ -656,9 +671,18 @@ pub struct Cli {
     /// [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub console_limit: Option<u64>,
+    /// Per-thread seccomp filters: on (a violation kills the VMM with SIGSYS), off, or log (violations
+    /// allowed and logged by the kernel) [default: on]
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<SeccompMode>,
     /// JSON file with the same settings; flags override it
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
+    /// Test hook (debug builds only): once every filter is in place, the main thread makes a forbidden
+    /// syscall, so the process must die by SIGSYS.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    pub seccomp_selftest: bool,
 }
 
 impl Cli {
@@ -735,6 +759,7 @@ pub fn merge(file: ConfigFile, cli: Cli) -> Result<VmConfig, ConfigError> {
         } else {
             cli.net
         },
+        seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
     })
 }
 

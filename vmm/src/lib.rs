@@ -11,6 +11,7 @@ pub mod devices;
 pub mod layout;
 pub mod log_limit;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio_wiring;
 pub mod vmm;

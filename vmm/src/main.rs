@@ -40,6 +40,8 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, stop.clone())
             .context("cannot install signal handlers")?;
     }
+    #[cfg(debug_assertions)]
+    let seccomp_selftest = cli.seccomp_selftest;
     let config = cli.into_config().map_err(capsa_vmm::Error::from)?;
     let vmm = Vmm::with_options(
         config,
@@ -47,6 +49,8 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
             serial_input: true,
             process_start: Some(process_start),
             stop_flag: Some(stop),
+            #[cfg(debug_assertions)]
+            seccomp_selftest,
             ..Default::default()
         },
     )?;

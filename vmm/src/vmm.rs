@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::devices::legacy::{BootTimer, Cmos, Ignored, SerialDevice, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::GuestMemoryMmap;
 use crate::layout::*;
+use crate::seccomp::{Policy, SeccompError, SeccompMode, ThreadKind};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu, VmEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub enum Error {
     Vcpu { vcpu: u8, message: String },
     #[error("vCPU threads did not stop within {0:?}")]
     StopTimeout(Duration),
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] SeccompError),
 }
 
 impl Error {
@@ -110,6 +113,10 @@ pub struct VmmOptions {
     /// The flag that stops the VM (see [`Vmm::stop_flag`]); pass one to have signal handlers in place before
     /// the VM is built. Default: a new flag.
     pub stop_flag: Option<Arc<AtomicBool>>,
+    /// Test hook (debug builds only): once every filter is in place, the main thread makes a forbidden
+    /// syscall (socket(AF_INET)), so with seccomp on the process dies by SIGSYS.
+    #[cfg(debug_assertions)]
+    pub seccomp_selftest: bool,
 }
 
 pub struct Vmm {
@@ -131,6 +138,8 @@ pub struct Vmm {
     cmdline: String,
     entry: boot::EntryPoint,
     vsock_uds: Option<PathBuf>,
+    #[cfg(debug_assertions)]
+    seccomp_selftest: bool,
 }
 
 /// How long to keep kicking vCPU threads before giving up on them.
@@ -333,6 +342,8 @@ impl Vmm {
             cmdline,
             entry,
             vsock_uds,
+            #[cfg(debug_assertions)]
+            seccomp_selftest: options.seccomp_selftest,
         })
     }
 
@@ -359,11 +370,29 @@ impl Vmm {
     }
 
     /// Runs the VM until the guest stops, a vCPU fails or the stop flag is set.
+    ///
+    /// With seccomp on (`config.seccomp`), every thread installs its filter before the guest runs: the vCPU
+    /// and serial input threads as they start, the main thread once they are all started, and device workers
+    /// as the guest activates devices (see [`crate::seccomp`]).
     pub fn run(mut self) -> Result<ExitReason, Error> {
         install_kick_handler().map_err(io_err("cannot install the vCPU kick signal handler"))?;
+        let policy = Policy::start(self.config.seccomp)?;
+        match self.config.seccomp {
+            SeccompMode::On => info!("seccomp filters on"),
+            SeccompMode::Log => warn!(
+                "seccomp in LOG mode: syscalls outside the filters are allowed (the kernel logs them, audit \
+                 type=1326): capsa-vmm is not confined"
+            ),
+            SeccompMode::Off => warn!(
+                "seccomp is OFF: capsa-vmm runs with no syscall filter; a guest that escapes into the VMM has \
+                 every syscall the process may make"
+            ),
+        }
         let stop_vcpus = Arc::new(AtomicBool::new(false));
+        // vCPUs wait here until the main thread has its filter (or gave up).
+        let gate = Arc::new(StartGate::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut spawn_error = None;
+        let mut failure = None;
         for (id, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let vcpu = Vcpu {
                 id: id as u8,
@@ -374,22 +403,50 @@ impl Vmm {
                 events: self.events_tx.clone(),
                 times: self.times.clone(),
             };
+            let (gate, policy) = (gate.clone(), policy.clone());
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())
-            {
+                .spawn(move || {
+                    gate.wait();
+                    if let Some(policy) = &policy {
+                        if let Err(e) = policy.enter(ThreadKind::Vcpu) {
+                            let _ = vcpu.events.send(VmEvent::Error {
+                                vcpu: vcpu.id,
+                                message: e.to_string(),
+                            });
+                            return;
+                        }
+                    }
+                    vcpu.run()
+                }) {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
-                    spawn_error = Some(io_err(format!("cannot start vCPU {id} thread"))(e));
+                    failure = Some(io_err(format!("cannot start vCPU {id} thread"))(e));
                     break;
                 }
             }
         }
-        if self.serial_input && spawn_error.is_none() {
-            start_stdin_thread(self.serial.clone());
+        if self.serial_input && failure.is_none() {
+            start_stdin_thread(self.serial.clone(), policy.clone());
         }
+        if failure.is_none() {
+            if let Some(policy) = &policy {
+                failure = policy.enter(ThreadKind::Main).err().map(Error::from);
+            }
+        }
+        #[cfg(debug_assertions)]
+        if self.seccomp_selftest && failure.is_none() {
+            warn!("seccomp self-test: the main thread calls socket(AF_INET), which its filter forbids");
+            // SAFETY: a plain syscall; with the filter on, the kernel kills the process before it returns.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            warn!("seccomp self-test: socket(AF_INET) returned {fd}: the filter did not stop it");
+        }
+        if failure.is_some() {
+            stop_vcpus.store(true, Ordering::Release);
+        }
+        gate.open();
 
-        let outcome = match spawn_error {
+        let outcome = match failure {
             Some(e) => Err(e),
             None => self.wait_for_event(),
         };
@@ -453,6 +510,34 @@ impl Drop for Vmm {
     }
 }
 
+/// Holds the vCPU threads until the main thread has installed its own filter (or given up).
+#[derive(Default)]
+struct StartGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    fn wait(&self) {
+        let Ok(mut open) = self.open.lock() else {
+            return;
+        };
+        while !*open {
+            open = match self.opened.wait(open) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+        }
+    }
+
+    fn open(&self) {
+        if let Ok(mut open) = self.open.lock() {
+            *open = true;
+        }
+        self.opened.notify_all();
+    }
+}
+
 /// Tells the vCPU threads to stop, kicks them out of KVM_RUN until they do, and joins them.
 fn stop_threads(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) -> Result<(), Error> {
     stop.store(true, Ordering::Release);
@@ -496,13 +581,19 @@ fn stdin_is_null() -> bool {
     }
 }
 
-fn start_stdin_thread(serial: Arc<Mutex<SerialDevice>>) {
+fn start_stdin_thread(serial: Arc<Mutex<SerialDevice>>, policy: Option<Arc<Policy>>) {
     if stdin_is_null() {
         return;
     }
     let spawned = std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            if let Some(policy) = &policy {
+                if let Err(e) = policy.enter(ThreadKind::SerialStdin) {
+                    warn!("no serial input: {e}");
+                    return;
+                }
+            }
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             loop {

@@ -13,6 +13,8 @@
 //! debug_console = false                   # true: verbose guest kernel and agent, console in the shim log
 //! rootfs_mode = "virtio-fs"               # or "block"; unset: virtio-fs when virtiofsd is found
 //! virtiofsd = "/usr/libexec/capsa/virtiofsd"  # unset: the workspace's build/virtiofsd, then this
+//! seccomp = true                          # capsa-vmm's per-thread seccomp filters; false (debugging only,
+//!                                         # logged as a warning) or "log" (violations only logged)
 //!
 //! [runtime]
 //! log_level = "info"
@@ -77,6 +79,8 @@ pub struct HypervisorConfig {
     pub rootfs_mode: Option<RootfsMode>,
     /// The virtiofsd binary; `None` = [`default_virtiofsd`].
     pub virtiofsd: Option<PathBuf>,
+    /// capsa-vmm's seccomp filters: `true` (default), `false` or `"log"`.
+    pub seccomp: crate::vm::SeccompMode,
 }
 
 /// How a container's root file system reaches the guest.
@@ -143,6 +147,7 @@ impl Default for HypervisorConfig {
             debug_console: false,
             rootfs_mode: None,
             virtiofsd: None,
+            seccomp: crate::vm::SeccompMode::On,
         }
     }
 }
@@ -387,6 +392,7 @@ mod tests {
             default_vcpus = 2
             default_memory_mib = 512
             debug_console = true
+            seccomp = false
             [runtime]
             log_level = "debug"
             "#,
@@ -397,6 +403,11 @@ mod tests {
         assert_eq!(cfg.hypervisor.default_vcpus, 2);
         assert_eq!(cfg.hypervisor.default_memory_mib, 512);
         assert!(cfg.hypervisor.debug_console);
+        assert_eq!(cfg.hypervisor.seccomp, crate::vm::SeccompMode::Off);
+        assert_eq!(
+            HypervisorConfig::default().seccomp,
+            crate::vm::SeccompMode::On
+        );
         assert_eq!(cfg.runtime.log_level, "debug");
         // untouched keys keep their defaults
         assert_eq!(cfg.runtime.state_dir, PathBuf::from("/run/capsa"));

@@ -232,6 +232,7 @@ impl SandboxFactory for VmFactory {
         vm_config.vcpus = size.vcpus;
         vm_config.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vm_config.run_root = self.config.runtime.state_dir.clone();
+        vm_config.seccomp = h.seccomp;
         match &virtiofsd {
             Some(v) => vm_config.shared_fs = Some(SharedFsConfig::new(v.clone())),
             None => {

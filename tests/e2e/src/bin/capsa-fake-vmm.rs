@@ -49,7 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--memory-mib" => a.memory_mib = value()?.parse().context("--memory-mib")?,
             "--vsock-uds" => a.vsock_uds = Some(value()?.into()),
             "--console-log" => a.console_log = Some(value()?.into()),
-            "--initrd" | "--vsock-cid" | "--disk" | "--config" => {
+            "--initrd" | "--vsock-cid" | "--disk" | "--config" | "--seccomp" => {
                 value()?;
             }
             "--rng" => {}

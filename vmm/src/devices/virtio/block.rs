@@ -14,7 +14,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, RawChain, Segments};
-use super::worker::{serve_queue, Worker};
+use super::worker::{serve_queue, ThreadKind, Worker};
 use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::virtio::chain::DeviceQueue;
 use crate::devices::GuestMemoryMmap;
@@ -351,7 +351,7 @@ impl VirtioDevice for Block {
             buf: vec![0u8; CHUNK],
         };
         let queue = DeviceQueue::new(queue, event).with_features(self.acked_features);
-        self.worker = Some(Worker::spawn("capsa-blk", move |kill| {
+        self.worker = Some(Worker::spawn("capsa-blk", ThreadKind::Blk, move |kill| {
             serve_queue(kill, queue, mem, interrupt, "blk", |mem, chain| {
                 disk.handle(mem, chain)
             })

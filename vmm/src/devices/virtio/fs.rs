@@ -23,7 +23,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::Worker;
+use super::worker::{ThreadKind, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::config::{FsConfig, FS_TAG_MAX_LEN};
 use crate::devices::GuestMemoryMmap;
@@ -419,9 +419,11 @@ impl VirtioDevice for Fs {
         };
         let backend = self.frontend.as_raw_fd();
         let tag = self.tag.clone();
-        let worker = Worker::spawn(&format!("capsa-fs-{}", self.tag), move |kill| {
-            forward_interrupts(kill, calls, backend, interrupt, tag)
-        });
+        let worker = Worker::spawn(
+            &format!("capsa-fs-{}", self.tag),
+            ThreadKind::Fs,
+            move |kill| forward_interrupts(kill, calls, backend, interrupt, tag),
+        );
         match worker {
             Ok(worker) => {
                 tracing::info!(

@@ -36,7 +36,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 pub mod vsock;
 mod worker;
 

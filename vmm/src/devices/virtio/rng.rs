@@ -8,7 +8,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, DeviceQueue, RawChain};
-use super::worker::{serve_queue, Worker};
+use super::worker::{serve_queue, ThreadKind, Worker};
 use super::{single_queue, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 
@@ -111,7 +111,7 @@ impl VirtioDevice for Rng {
         let (queue, event) = single_queue(queues)?;
         let mut source = self.source.try_clone()?;
         let queue = DeviceQueue::new(queue, event).with_features(self.acked_features);
-        self.worker = Some(Worker::spawn("capsa-rng", move |kill| {
+        self.worker = Some(Worker::spawn("capsa-rng", ThreadKind::Rng, move |kill| {
             let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
             serve_queue(kill, queue, mem, interrupt, "rng", |mem, chain| {
                 fill(&mut source, &mut buf, mem, chain)

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::chain::{DeviceQueue, RawChain};
 use super::VirtioInterrupt;
 use crate::devices::GuestMemoryMmap;
+pub use crate::seccomp::ThreadKind;
 
 /// A running worker; `T` is what the thread returns when stopped.
 pub struct Worker<T> {
@@ -22,16 +23,15 @@ pub struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Start `f` on a new thread; it must return soon after the eventfd it gets becomes readable.
-    pub fn spawn<F>(name: &str, f: F) -> io::Result<Self>
+    /// Start `f` on a new thread; it must return soon after the eventfd it gets becomes readable. The thread
+    /// runs under `kind`'s seccomp filter when the VM has filters on (see `crate::seccomp`).
+    pub fn spawn<F>(name: &str, kind: ThreadKind, f: F) -> io::Result<Self>
     where
         F: FnOnce(EventFd) -> T + Send + 'static,
     {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || f(theirs))?;
+        let handle = crate::seccomp::spawn_filtered(name, kind, move || f(theirs))?;
         Ok(Self {
             kill,
             handle: Some(handle),
@@ -163,7 +163,7 @@ mod tests {
         let started = Arc::new(AtomicUsize::new(0));
         let (h, s) = (handled.clone(), started.clone());
         let dev_mem = mem.clone();
-        let worker = Worker::spawn("test-worker", move |kill| {
+        let worker = Worker::spawn("test-worker", ThreadKind::Rng, move |kill| {
             serve_queue(kill, queue, dev_mem, irq, "test", |_, _| {
                 s.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));

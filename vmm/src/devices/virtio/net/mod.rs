@@ -35,7 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, ChainError, DeviceQueue, RawChain};
-use super::worker::{stop_requested, Worker};
+use super::worker::{stop_requested, ThreadKind, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 pub use tap::{Tap, TapError};
@@ -312,7 +312,9 @@ impl VirtioDevice for Net {
             offload = format_args!("{offload:#x}"),
             "net: activated"
         );
-        self.worker = Some(Worker::spawn("capsa-net", move |kill| worker.run(kill))?);
+        self.worker = Some(Worker::spawn("capsa-net", ThreadKind::Net, move |kill| {
+            worker.run(kill)
+        })?);
         Ok(())
     }
 

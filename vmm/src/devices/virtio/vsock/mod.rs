@@ -30,7 +30,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, DeviceQueue, RawChain};
-use super::worker::{stop_requested, Worker};
+use super::worker::{stop_requested, ThreadKind, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 use connection::HostBuffered;
@@ -235,7 +235,11 @@ impl VirtioDevice for Vsock {
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
             host_buffer_limit: self.host_buffer_limit,
         };
-        self.worker = Some(Worker::spawn("capsa-vsock", move |kill| worker.run(kill))?);
+        self.worker = Some(Worker::spawn(
+            "capsa-vsock",
+            ThreadKind::Vsock,
+            move |kill| worker.run(kill),
+        )?);
         Ok(())
     }
 
