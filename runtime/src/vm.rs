@@ -1084,6 +1084,98 @@ mod tests {
         );
     }
 
+    #[test]
+    fn jail_paths_of_kernel_initrd_and_disks() {
+        let mut c = VmConfig::new(
+            "/v/capsa-vmm".into(),
+            "/k/vmlinux".into(),
+            Some("/i.img".into()),
+        );
+        c.disks = vec![
+            Disk {
+                path: "/d/ro.img".into(),
+                readonly: true,
+            },
+            Disk {
+                path: "/d/rw.img".into(),
+                readonly: false,
+            },
+        ];
+        let files = c.jail_files();
+        let map: Vec<(&str, &str, bool)> = files
+            .iter()
+            .map(|f| {
+                (
+                    f.host.to_str().unwrap(),
+                    f.jail.to_str().unwrap(),
+                    f.writable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            map,
+            [
+                ("/k/vmlinux", "/boot/kernel", false),
+                ("/i.img", "/boot/initrd", false),
+                ("/d/ro.img", "/disks/0", false),
+                ("/d/rw.img", "/disks/1", true),
+            ]
+        );
+        assert_eq!(
+            c.max_vmm_threads(),
+            1 + 1 + 2 + 4 + crate::jail::SPARE_THREADS
+        );
+    }
+
+    #[test]
+    fn jailed_vmm_command_line() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (the jail chowns)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"d").unwrap();
+        let mut c = VmConfig::new("/bin/sleep".into(), kernel.clone(), None);
+        c.disks = vec![Disk {
+            path: disk.clone(),
+            readonly: true,
+        }];
+        c.run_root = dir.path().join("run");
+        let p = SandboxPaths::new(&c.run_root, "sb");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        let req = JailRequest {
+            run_root: &c.run_root,
+            sandbox_id: "sb",
+            binary: &c.vmm_binary,
+            files: c.jail_files(),
+            sandbox_dir: &p.dir,
+            masked: Vec::new(),
+            devices: Vec::new(),
+            max_threads: c.max_vmm_threads(),
+        };
+        let jail = Jail::prepare(&req, c.jail.uids).unwrap();
+        let jc = c.jailed(&jail);
+        assert_eq!(jc.vmm_binary, Path::new("/sleep"));
+        let args: Vec<String> = jc
+            .vmm_args(&p)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("--kernel /boot/kernel "), "{joined}");
+        assert!(joined.contains("--disk /disks/0,readonly"), "{joined}");
+        // The sandbox directory keeps its host path inside the jail.
+        assert!(
+            joined.contains(&format!("--vsock-uds {}", p.vsock.display())),
+            "{joined}"
+        );
+        assert!(!joined.contains(&kernel.display().to_string()), "{joined}");
+    }
+
     fn fake_files(dir: &Path) -> VmConfig {
         use std::os::unix::fs::PermissionsExt;
         let vmm = dir.join("fake-vmm");
