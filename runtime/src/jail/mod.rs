@@ -175,7 +175,9 @@ struct Plan {
 
 /// A prepared jail; see the module docs.
 pub struct Jail {
-    lease: UidLease,
+    uid: u32,
+    /// Released in Drop, after the root is gone.
+    lease: Option<UidLease>,
     root: PathBuf,
     program: PathBuf,
     files: Vec<JailFile>,
@@ -188,7 +190,7 @@ pub struct Jail {
 impl std::fmt::Debug for Jail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jail")
-            .field("uid", &self.lease.uid())
+            .field("uid", &self.uid)
             .field("root", &self.root)
             .finish_non_exhaustive()
     }
@@ -221,6 +223,15 @@ pub fn lock_dir(run_root: &Path) -> PathBuf {
     jail_dir(run_root).join("uids")
 }
 
+/// Removes `<run root>/.jail/{roots,uids}` and `.jail` when they are empty (another sandbox's entries keep
+/// them; an allocator that loses the race recreates the directory).
+pub fn prune_empty(run_root: &Path) {
+    let jail = jail_dir(run_root);
+    for d in [jail.join("roots"), jail.join("uids"), jail] {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 /// Removes what a dead shim's sandbox left of its jail: the root directory and its uid lock (if no one
 /// holds it). Returns what was removed, for the log.
 pub fn cleanup_sandbox(run_root: &Path, sandbox_id: &str) -> Vec<String> {
@@ -235,6 +246,7 @@ pub fn cleanup_sandbox(run_root: &Path, sandbox_id: &str) -> Vec<String> {
     for uid in uid::sweep_stale(&lock_dir(run_root), Some(sandbox_id)) {
         done.push(format!("jail uid {uid}"));
     }
+    prune_empty(run_root);
     done
 }
 
@@ -275,7 +287,8 @@ impl Jail {
         let gid = uid;
         let root = root_dir(req.run_root, req.sandbox_id);
         let mut jail = Jail {
-            lease,
+            uid,
+            lease: Some(lease),
             root: root.clone(),
             program: PathBuf::new(),
             files: req.files.clone(),
@@ -304,7 +317,7 @@ impl Jail {
 
     fn build(&mut self, req: &JailRequest<'_>) -> Result<Plan, JailError> {
         let root = self.root.clone();
-        let (uid, gid) = (self.lease.uid(), self.lease.uid());
+        let (uid, gid) = (self.uid, self.uid);
         let mut ops = vec![
             Op {
                 kind: OpKind::Unshare,
@@ -573,11 +586,11 @@ impl Jail {
     }
 
     pub fn uid(&self) -> u32 {
-        self.lease.uid()
+        self.uid
     }
 
     pub fn gid(&self) -> u32 {
-        self.lease.uid()
+        self.uid
     }
 
     /// The host directory that becomes the VMM's `/`.
@@ -662,7 +675,16 @@ impl Drop for Jail {
                 tracing::warn!(root = %self.root.display(), error = %e, "cannot remove jail root")
             }
         }
-        // `lease` drops after this: the uid is released last.
+        // The uid goes last, then the jail's directories if no other sandbox uses them.
+        let lock = self.lease.take().map(|l| l.path().to_path_buf());
+        if let Some(run_root) = lock
+            .as_deref()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+        {
+            prune_empty(run_root);
+        }
     }
 }
 

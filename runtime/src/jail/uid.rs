@@ -104,16 +104,32 @@ fn lock_file(path: &Path) -> Result<Option<File>, JailError> {
         path: path.to_path_buf(),
         source,
     };
+    let mut tries = 0;
     loop {
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io)?;
+            .open(path);
+        let file = match opened {
+            Ok(f) => f,
+            // The directory was pruned by a sandbox that just ended: make it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 10 => {
+                tries += 1;
+                if let Some(dir) = path.parent() {
+                    use std::os::unix::fs::DirBuilderExt;
+                    let _ = std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir);
+                }
+                continue;
+            }
+            Err(e) => return Err(io(e)),
+        };
         if !try_flock(&file).map_err(io)? {
             return Ok(None);
         }
