@@ -16,8 +16,11 @@
 //! 3. `pivot_root` into it and the old root detached, `/` remounted read-only;
 //! 4. rlimits (open files, file size, processes/threads, no core dumps), the capability bounding, ambient
 //!    and inheritable sets cleared, `setgroups([])`, `setresgid`/`setresuid` to the jail ids (which empties
-//!    the permitted and effective sets), `PR_SET_NO_NEW_PRIVS`, `PR_SET_PDEATHSIG(SIGKILL)`, `SIGXFSZ`
-//!    ignored, umask 077.
+//!    the permitted and effective sets), `PR_SET_NO_NEW_PRIVS`, `SIGXFSZ` ignored, umask 077.
+//!
+//! No parent-death signal: a VMM outlives a crashed shim, as before, so that the shim's `delete` finds the
+//! sandbox directory from the VMM's command line and cleans everything up (its uid stays taken meanwhile:
+//! allocation skips uids that live processes run as).
 //!
 //! Every mount lives only in the VMM's own mount namespace and goes when the VMM exits, so nothing is left
 //! in the host's mount table; dropping the [`Jail`] removes the root directory, gives writable disks back to
@@ -160,7 +163,6 @@ enum OpKind {
     DropCaps,
     SetIds,
     NoNewPrivs,
-    DeathSignal,
 }
 
 /// Everything the child needs, built before the fork.
@@ -168,7 +170,6 @@ struct Plan {
     ops: Vec<Op>,
     uid: libc::uid_t,
     gid: libc::gid_t,
-    parent: libc::pid_t,
     /// Write end of the error pipe (close-on-exec): the index of a failed step goes here.
     err_fd: libc::c_int,
 }
@@ -296,7 +297,6 @@ impl Jail {
                 ops: Vec::new(),
                 uid,
                 gid,
-                parent: 0,
                 err_fd: -1,
             }),
             err_pipe: None,
@@ -562,10 +562,6 @@ impl Jail {
             kind: OpKind::NoNewPrivs,
             what: "prctl(PR_SET_NO_NEW_PRIVS)".into(),
         });
-        ops.push(Op {
-            kind: OpKind::DeathSignal,
-            what: "prctl(PR_SET_PDEATHSIG, SIGKILL) (the runtime exited?)".into(),
-        });
 
         let (r, w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| JailError::Io {
@@ -580,7 +576,6 @@ impl Jail {
             ops,
             uid,
             gid,
-            parent: i32::try_from(std::process::id()).unwrap_or(0),
             err_fd,
         })
     }
@@ -770,12 +765,6 @@ unsafe fn enter(plan: &Plan) -> std::io::Result<()> {
                         && libc::setresuid(plan.uid, plan.uid, plan.uid) == 0
                 }
                 OpKind::NoNewPrivs => libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0,
-                OpKind::DeathSignal => {
-                    // Set after the uid change (which clears it). If the runtime already died, the
-                    // parent is someone else: give up rather than run unsupervised.
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == 0
-                        && (plan.parent == 0 || libc::getppid() == plan.parent)
-                }
             }
         };
         if !ok {
