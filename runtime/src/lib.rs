@@ -5,6 +5,7 @@
 //! - [`vm`]: the hypervisor side: spawn `capsa-vmm`, wait for the agent, stop, clean up.
 //! - [`virtiofsd`]: the virtio-fs backend of a sandbox's shared directory.
 //! - [`supervise`]: a helper the guest depends on (virtiofsd) that dies takes the VM down (pidfds).
+//! - [`jail`]: the VMM's jail (own uid, no capabilities, own root and namespaces) and the pod cgroup.
 //! - [`check`]: host capability checks.
 //! - [`network`]: a pod network namespace joined to tap devices for the VMM (tc redirects, as Kata).
 //! - [`artifacts`]: where the VMM, guest kernel and initrd are found.
@@ -14,6 +15,7 @@ pub mod agent_client;
 pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
+pub mod jail;
 pub mod network;
 pub mod oci_image;
 pub mod run;

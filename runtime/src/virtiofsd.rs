@@ -69,6 +69,8 @@ pub struct SharedFsConfig {
     pub sandbox: SandboxMode,
     /// How long virtiofsd has to create its socket.
     pub start_timeout: Duration,
+    /// `cgroup.procs` files virtiofsd joins before its exec (the pod's cgroup); empty = the caller's.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl SharedFsConfig {
@@ -80,6 +82,7 @@ impl SharedFsConfig {
             cache: CachePolicy::Auto,
             sandbox: SandboxMode::Namespace,
             start_timeout: Duration::from_secs(5),
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -192,17 +195,31 @@ impl Virtiofsd {
         let guard = MountGuard(propagation_mount.clone());
         let args = config.args(socket, shared_dir);
         tracing::debug!(virtiofsd = %config.virtiofsd.display(), ?args, "starting virtiofsd");
-        let mut child = Command::new(&config.virtiofsd)
-            .args(&args)
+        let mut cmd = Command::new(&config.virtiofsd);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| VirtiofsdError::Spawn {
-                binary: config.virtiofsd.clone(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        if !config.cgroup_procs.is_empty() {
+            let files: Vec<std::ffi::CString> = config
+                .cgroup_procs
+                .iter()
+                .filter_map(|p| {
+                    use std::os::unix::ffi::OsStrExt;
+                    std::ffi::CString::new(p.as_os_str().as_bytes()).ok()
+                })
+                .collect();
+            // SAFETY: runs in the forked child before exec; `join_cgroups` only makes open/write/close
+            // calls on the C strings built above (no allocation).
+            unsafe {
+                cmd.pre_exec(move || crate::vm::join_cgroups(&files));
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| VirtiofsdError::Spawn {
+            binary: config.virtiofsd.clone(),
+            source,
+        })?;
         let deadline = Instant::now() + config.start_timeout;
         loop {
             if socket.exists() {

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::agent_client::{AgentAddress, AgentClient, AgentError};
 use crate::artifacts::Artifacts;
+use crate::jail::{CgroupPlacement, Jail, JailConfig, JailError, JailFile, JailRequest, PodCgroup};
 use crate::virtiofsd::{SharedFsConfig, Virtiofsd, VirtiofsdError};
 
 /// Where sandbox directories live by default.
@@ -104,6 +105,10 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// How long the VMM has to exit after DestroySandbox (and again after SIGTERM).
     pub stop_timeout: Duration,
+    /// The VMM's jail (own uid, no capabilities, own root and mount/IPC namespaces); on by default.
+    pub jail: JailConfig,
+    /// The cgroup the VMM and virtiofsd run in (the pod's; capsa's own `capsa/<id>` by default).
+    pub cgroup: CgroupPlacement,
     /// The VMM's per-thread seccomp filters (`--seccomp`); on unless configured otherwise.
     pub seccomp: SeccompMode,
 }
@@ -243,7 +248,55 @@ impl VmConfig {
             boot_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
             seccomp: SeccompMode::On,
+            jail: JailConfig::default(),
+            cgroup: CgroupPlacement::default(),
         }
+    }
+
+    /// The files the VMM opens by path and where the jail shows them: `/boot/kernel`, `/boot/initrd`,
+    /// `/disks/<n>`. The sandbox directory's sockets and console log keep their host paths.
+    pub fn jail_files(&self) -> Vec<JailFile> {
+        let mut files = vec![JailFile {
+            host: self.kernel.clone(),
+            jail: PathBuf::from("/boot/kernel"),
+            writable: false,
+        }];
+        if let Some(initrd) = &self.initrd {
+            files.push(JailFile {
+                host: initrd.clone(),
+                jail: PathBuf::from("/boot/initrd"),
+                writable: false,
+            });
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            files.push(JailFile {
+                host: d.path.clone(),
+                jail: PathBuf::from(format!("/disks/{i}")),
+                writable: !d.readonly,
+            });
+        }
+        files
+    }
+
+    /// This configuration with every path the VMM opens rewritten to where `jail` shows it.
+    pub fn jailed(&self, jail: &Jail) -> VmConfig {
+        let mut c = self.clone();
+        c.vmm_binary = jail.program().to_path_buf();
+        c.kernel = jail.jail_path(&self.kernel);
+        c.initrd = self.initrd.as_deref().map(|i| jail.jail_path(i));
+        for d in &mut c.disks {
+            d.path = jail.jail_path(&d.path);
+        }
+        c
+    }
+
+    /// RLIMIT_NPROC for the jailed VMM: main thread, vCPUs, device workers, spare.
+    pub fn max_vmm_threads(&self) -> u64 {
+        1 + u64::from(self.vcpus)
+            + self.disks.len() as u64
+            + self.net.len() as u64
+            + 4
+            + crate::jail::SPARE_THREADS
     }
 
     pub fn from_artifacts(a: &Artifacts) -> Self {
@@ -433,6 +486,8 @@ pub enum VmError {
     SharedFs(#[from] VirtiofsdError),
     #[error("waiting for the VMM failed: {0}")]
     Wait(#[source] std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 /// Validates a sandbox id: it becomes a directory name.
@@ -572,8 +627,72 @@ pub struct Vm {
     /// Kills the VMM if virtiofsd dies first (see [`crate::supervise`]); aborted when the VM stops.
     virtiofsd_watch: Option<JoinHandle<()>>,
     exit_watch: VmmExitWatch,
+    /// The VMM's jail (root directory, uid); removed once the VMM is gone.
+    jail: Option<Jail>,
+    /// The pod cgroup capsa created for the VMM and virtiofsd; removed after them.
+    cgroup: Option<PodCgroup>,
     // Last: removed after the VMM has been killed in Drop.
     _dir: DirGuard,
+}
+
+/// Creates (or finds) the cgroup the VMM and virtiofsd join.
+fn pod_cgroup(placement: &CgroupPlacement, sandbox_id: &str) -> Result<Option<PodCgroup>, VmError> {
+    let roots = crate::jail::cgroup::node_hierarchies();
+    match placement {
+        CgroupPlacement::Inherit => Ok(None),
+        CgroupPlacement::SpecPath(p) => {
+            let rel = crate::jail::cgroup::parse_cgroups_path(p)?;
+            let cg = PodCgroup::create(&roots, &rel)?;
+            tracing::info!(sandbox = sandbox_id, cgroups_path = %p, dirs = ?cg.dirs(), "VMM joins the pod's cgroup");
+            Ok(Some(cg))
+        }
+        CgroupPlacement::Own => {
+            // The shared parent stays (another sandbox may be creating its child in it).
+            let parent = PodCgroup::create(&roots, Path::new("capsa")).map(PodCgroup::keep);
+            match parent
+                .and_then(|()| PodCgroup::create(&roots, &Path::new("capsa").join(sandbox_id)))
+            {
+                Ok(cg) => Ok(Some(cg)),
+                Err(e) => {
+                    tracing::warn!(sandbox = sandbox_id, error = %e, "the VMM stays in the caller's cgroup");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// C strings of the `cgroup.procs` files a child writes `0` into before exec.
+pub(crate) fn procs_cstrings(cg: Option<&PodCgroup>) -> Vec<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    cg.map(|c| c.procs_files())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).ok())
+        .collect()
+}
+
+/// Moves the calling process into each cgroup (`0` = the writer). For pre_exec: async-signal-safe.
+///
+/// # Safety
+/// Only open/write/close on prepared C strings.
+pub(crate) unsafe fn join_cgroups(files: &[std::ffi::CString]) -> std::io::Result<()> {
+    for f in files {
+        // SAFETY: open/write/close are async-signal-safe; `f` is a valid C string.
+        unsafe {
+            let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            if !ok {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Vm {
@@ -624,16 +743,63 @@ impl Vm {
             }
         }
         let dir = DirGuard(paths.dir.clone());
+        let cgroup = pod_cgroup(&config.cgroup, sandbox_id)?;
+        let cgroup_procs = procs_cstrings(cgroup.as_ref());
+        let mut jail = if config.jail.enabled {
+            let mut devices = vec![PathBuf::from("/dev/kvm")];
+            if config.rng {
+                // virtio-rng reads the host's /dev/urandom (vmm/src/devices/virtio/rng.rs).
+                devices.push(PathBuf::from("/dev/urandom"));
+            }
+            let masked = if config.shared_fs.is_some() {
+                // Created here so the jail can cover it (virtiofsd finds it in place).
+                std::fs::create_dir_all(&paths.shared_dir).map_err(|source| {
+                    VmError::CreateDir {
+                        path: paths.shared_dir.clone(),
+                        source,
+                    }
+                })?;
+                vec![paths.shared_dir.clone()]
+            } else {
+                Vec::new()
+            };
+            let req = JailRequest {
+                run_root: &config.run_root,
+                sandbox_id,
+                binary: &config.vmm_binary,
+                files: config.jail_files(),
+                sandbox_dir: &paths.dir,
+                masked,
+                devices,
+                max_threads: config.max_vmm_threads(),
+            };
+            let jail = Jail::prepare(&req, config.jail.uids)?;
+            tracing::info!(sandbox = sandbox_id, uid = jail.uid(), root = %jail.root().display(), "VMM jail prepared");
+            Some(jail)
+        } else {
+            tracing::warn!(
+                sandbox = sandbox_id,
+                "VMM JAIL DISABLED (hypervisor.jail = false / --no-jail): capsa-vmm runs as root with every \
+                 capability and sees the host's whole file system; for debugging only"
+            );
+            None
+        };
         let virtiofsd = match &config.shared_fs {
-            Some(fs) => Some(
-                Virtiofsd::spawn(
-                    fs,
+            Some(fs) => {
+                let mut fs = fs.clone();
+                fs.cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+                let v = Virtiofsd::spawn(
+                    &fs,
                     &paths.fs_socket,
                     &paths.shared_dir,
                     &paths.virtiofsd_log,
                 )
-                .await?,
-            ),
+                .await?;
+                if let Some(j) = &jail {
+                    j.grant_socket(&paths.fs_socket)?;
+                }
+                Some(v)
+            }
             None => None,
         };
 
@@ -649,6 +815,9 @@ impl Vm {
                 path: ready_path.clone(),
                 source,
             })?;
+        if let Some(j) = &jail {
+            j.grant_socket(&ready_path)?;
+        }
         let (ready_tx, ready_rx) = tokio::sync::mpsc::channel(1);
         let ready_task = tokio::spawn(async move {
             while let Ok((conn, _)) = ready_listener.accept().await {
@@ -659,38 +828,55 @@ impl Vm {
             }
         });
 
-        let args = config.vmm_args(&paths);
-        tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), ?args, "starting VM");
+        let (program, args) = match &jail {
+            Some(j) => (j.program().to_path_buf(), config.jailed(j).vmm_args(&paths)),
+            None => (config.vmm_binary.clone(), config.vmm_args(&paths)),
+        };
+        tracing::info!(sandbox = sandbox_id, vmm = %config.vmm_binary.display(), jailed = jail.is_some(), ?args, "starting VM");
         let spawned_at = Instant::now();
-        let mut cmd = Command::new(&config.vmm_binary);
+        let mut cmd = Command::new(&program);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if !inherit.is_empty() {
-            // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2), which is
-            // async-signal-safe; it allocates nothing (`inherit` was built before the fork). Clearing
-            // FD_CLOEXEC in the child's own fd table lets exactly these fds (all >= 3, checked above)
-            // through exec, at the numbers `args` names; the parent's copies stay close-on-exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for &fd in &inherit {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
+        let mut enter_jail = jail.as_ref().map(|j| j.pre_exec());
+        // SAFETY: the closure runs in the forked child before exec. It allocates nothing (`inherit`,
+        // `cgroup_procs` and the jail's plan were built before the fork) and makes only async-signal-safe
+        // syscalls: fcntl(2) clearing FD_CLOEXEC in the child's own fd table lets exactly the tap fds (all
+        // >= 3, checked above) through exec at the numbers `args` names (the parent's copies stay
+        // close-on-exec); open/write/close move the child into the pod's cgroup before it allocates
+        // anything; the jail's closure documents its own calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
+                }
+                join_cgroups(&cgroup_procs)?;
+                if let Some(enter) = enter_jail.as_mut() {
+                    enter()?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                ready_task.abort();
+                return Err(match jail.as_mut() {
+                    Some(j) => VmError::Jail(j.spawn_error(source)),
+                    None => VmError::Spawn {
+                        binary: config.vmm_binary.clone(),
+                        source,
+                    },
                 });
             }
+        };
+        if let Some(j) = jail.as_mut() {
+            j.spawned();
         }
-        let mut child = cmd.spawn().map_err(|source| {
-            ready_task.abort();
-            VmError::Spawn {
-                binary: config.vmm_binary.clone(),
-                source,
-            }
-        })?;
         let pid = child.id().unwrap_or(0);
         match config.seccomp {
             SeccompMode::On => {}
@@ -756,6 +942,8 @@ impl Vm {
                     virtiofsd,
                     virtiofsd_watch,
                     exit_watch,
+                    jail,
+                    cgroup,
                     _dir: dir,
                 })
             }
@@ -813,6 +1001,19 @@ impl Vm {
         self.virtiofsd
             .as_ref()
             .map(|_| self.paths.shared_dir.as_path())
+    }
+
+    /// The jail's uid, `None` when the VMM runs unjailed.
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.jail.as_ref().map(Jail::uid)
+    }
+
+    /// The cgroup directories the VMM and virtiofsd were placed in (empty = the caller's cgroup).
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        self.cgroup
+            .as_ref()
+            .map(PodCgroup::dirs)
+            .unwrap_or_default()
     }
 
     /// VMM spawn → first Check answer.
@@ -1053,6 +1254,98 @@ mod tests {
         );
     }
 
+    #[test]
+    fn jail_paths_of_kernel_initrd_and_disks() {
+        let mut c = VmConfig::new(
+            "/v/capsa-vmm".into(),
+            "/k/vmlinux".into(),
+            Some("/i.img".into()),
+        );
+        c.disks = vec![
+            Disk {
+                path: "/d/ro.img".into(),
+                readonly: true,
+            },
+            Disk {
+                path: "/d/rw.img".into(),
+                readonly: false,
+            },
+        ];
+        let files = c.jail_files();
+        let map: Vec<(&str, &str, bool)> = files
+            .iter()
+            .map(|f| {
+                (
+                    f.host.to_str().unwrap(),
+                    f.jail.to_str().unwrap(),
+                    f.writable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            map,
+            [
+                ("/k/vmlinux", "/boot/kernel", false),
+                ("/i.img", "/boot/initrd", false),
+                ("/d/ro.img", "/disks/0", false),
+                ("/d/rw.img", "/disks/1", true),
+            ]
+        );
+        assert_eq!(
+            c.max_vmm_threads(),
+            1 + 1 + 2 + 4 + crate::jail::SPARE_THREADS
+        );
+    }
+
+    #[test]
+    fn jailed_vmm_command_line() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (the jail chowns)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"d").unwrap();
+        let mut c = VmConfig::new("/bin/sleep".into(), kernel.clone(), None);
+        c.disks = vec![Disk {
+            path: disk.clone(),
+            readonly: true,
+        }];
+        c.run_root = dir.path().join("run");
+        let p = SandboxPaths::new(&c.run_root, "sb");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        let req = JailRequest {
+            run_root: &c.run_root,
+            sandbox_id: "sb",
+            binary: &c.vmm_binary,
+            files: c.jail_files(),
+            sandbox_dir: &p.dir,
+            masked: Vec::new(),
+            devices: Vec::new(),
+            max_threads: c.max_vmm_threads(),
+        };
+        let jail = Jail::prepare(&req, c.jail.uids).unwrap();
+        let jc = c.jailed(&jail);
+        assert_eq!(jc.vmm_binary, Path::new("/sleep"));
+        let args: Vec<String> = jc
+            .vmm_args(&p)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("--kernel /boot/kernel "), "{joined}");
+        assert!(joined.contains("--disk /disks/0,readonly"), "{joined}");
+        // The sandbox directory keeps its host path inside the jail.
+        assert!(
+            joined.contains(&format!("--vsock-uds {}", p.vsock.display())),
+            "{joined}"
+        );
+        assert!(!joined.contains(&kernel.display().to_string()), "{joined}");
+    }
+
     fn fake_files(dir: &Path) -> VmConfig {
         use std::os::unix::fs::PermissionsExt;
         let vmm = dir.join("fake-vmm");
@@ -1067,6 +1360,9 @@ mod tests {
         let mut c = VmConfig::new(vmm, dir.join("k"), None);
         c.run_root = dir.join("run");
         c.boot_timeout = Duration::from_secs(5);
+        // Shell-script VMMs cannot run in a jail (no /bin/sh there); the jail has its own tests.
+        c.jail.enabled = false;
+        c.cgroup = CgroupPlacement::Inherit;
         c
     }
 

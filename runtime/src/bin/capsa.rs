@@ -53,6 +53,10 @@ enum Command {
         /// the VMM, kernel and initrd are found like `capsa check` finds them).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Run capsa-vmm without its jail (as root, all capabilities, the host's /): for debugging
+        /// only; the configuration's `hypervisor.jail = false` does the same.
+        #[arg(long)]
+        no_jail: bool,
         /// A root file system directory or an OCI image archive (tar of an OCI layout or `docker save`).
         source: PathBuf,
         /// The command (after `--`); default: the image's Entrypoint + Cmd.
@@ -88,6 +92,7 @@ fn main() -> anyhow::Result<ExitCode> {
             vcpus,
             memory,
             config,
+            no_jail,
             source,
             command,
         } => capsa_run::main(capsa_run::Args {
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<ExitCode> {
             vcpus,
             memory,
             config,
+            no_jail,
             source,
             command,
         }),

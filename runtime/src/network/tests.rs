@@ -741,6 +741,9 @@ async fn sandbox_network_hands_the_tap_to_the_vmm() {
     std::fs::write(dir.path().join("k"), b"kernel").unwrap();
     let mut config = crate::vm::VmConfig::new(vmm.clone(), dir.path().join("k"), None);
     config.run_root = dir.path().join("run");
+    // A shell-script VMM that lists its fds through /proc: not in a jail.
+    config.jail.enabled = false;
+    config.cgroup = crate::jail::CgroupPlacement::Inherit;
     config.net = devices;
     let err = crate::vm::Vm::start(&config, "netsb").await.unwrap_err();
     assert!(matches!(err, crate::vm::VmError::VmmExited { .. }), "{err}");

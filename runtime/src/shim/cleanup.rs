@@ -135,6 +135,33 @@ pub fn cleanup(
         if let Some(netns) = sandbox_netns(id, &group, bundle) {
             done.push(cleanup_pod_network(&netns));
         }
+        // The VMM's jail (root directory, uid lock) under each run root, and the pod cgroup the VMM and
+        // virtiofsd ran in (only the sandbox's own, never a container's; busy or absent ones stay).
+        let mut run_roots: Vec<PathBuf> = dirs
+            .iter()
+            .filter_map(|d| d.parent())
+            .map(Path::to_path_buf)
+            .collect();
+        run_roots.dedup();
+        for run_root in &run_roots {
+            done.extend(crate::jail::cleanup_sandbox(run_root, &group));
+        }
+        if id == group {
+            let spec: Option<serde_json::Value> = std::fs::read(bundle.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let rel = match spec
+                .as_ref()
+                .and_then(|s| s["linux"]["cgroupsPath"].as_str())
+            {
+                Some(p) if !p.is_empty() => crate::jail::cgroup::parse_cgroups_path(p).ok(),
+                _ => Some(Path::new("capsa").join(&group)),
+            };
+            if let Some(rel) = rel {
+                let roots = crate::jail::cgroup::node_hierarchies();
+                done.extend(crate::jail::cgroup::remove_leaf(&roots, &rel));
+            }
+        }
         for sandbox_dir in dirs.into_iter().filter(|d| d.exists()) {
             // Containers' rootfs and bind mounts under the share (virtio-fs mode) come off first:
             // removing the directory must never reach into a snapshot or a host file.

@@ -15,6 +15,9 @@
 //! virtiofsd = "/usr/libexec/capsa/virtiofsd"  # unset: the workspace's build/virtiofsd, then this
 //! seccomp = true                          # capsa-vmm's per-thread seccomp filters; false (debugging only,
 //!                                         # logged as a warning) or "log" (violations only logged)
+//! jail = true                             # false: capsa-vmm runs as root, unconfined (debugging only)
+//! jail_uid_base = 1900000000              # the jails' uids/gids: jail_uid_base .. +jail_uid_count
+//! jail_uid_count = 65536
 //!
 //! [runtime]
 //! log_level = "info"
@@ -81,6 +84,13 @@ pub struct HypervisorConfig {
     pub virtiofsd: Option<PathBuf>,
     /// capsa-vmm's seccomp filters: `true` (default), `false` or `"log"`.
     pub seccomp: crate::vm::SeccompMode,
+    /// Jail capsa-vmm (its own uid, no capabilities, its own root and mount/IPC namespaces, rlimits);
+    /// `false` is for debugging only and is logged as a warning for every sandbox.
+    pub jail: bool,
+    /// First uid (and gid) of the jails' range; each live sandbox gets one of its own.
+    pub jail_uid_base: u32,
+    /// Size of the jails' uid range (how many sandboxes may run at once).
+    pub jail_uid_count: u32,
 }
 
 /// How a container's root file system reaches the guest.
@@ -148,6 +158,22 @@ impl Default for HypervisorConfig {
             rootfs_mode: None,
             virtiofsd: None,
             seccomp: crate::vm::SeccompMode::On,
+            jail: true,
+            jail_uid_base: crate::jail::DEFAULT_UID_BASE,
+            jail_uid_count: crate::jail::DEFAULT_UID_COUNT,
+        }
+    }
+}
+
+impl HypervisorConfig {
+    /// The jail settings for [`crate::vm::VmConfig::jail`].
+    pub fn jail_config(&self) -> crate::jail::JailConfig {
+        crate::jail::JailConfig {
+            enabled: self.jail,
+            uids: crate::jail::UidRange {
+                base: self.jail_uid_base,
+                count: self.jail_uid_count,
+            },
         }
     }
 }
@@ -224,6 +250,9 @@ impl CapsaConfig {
                 h.default_memory_mib, h.max_memory_mib
             )));
         }
+        h.jail_config().uids.validate().map_err(|e| {
+            ConfigError::Invalid(format!("hypervisor.jail_uid_base/jail_uid_count: {e}"))
+        })?;
         match self.runtime.log_level.as_str() {
             "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
             other => Err(ConfigError::Invalid(format!(
@@ -412,6 +441,29 @@ mod tests {
         // untouched keys keep their defaults
         assert_eq!(cfg.runtime.state_dir, PathBuf::from("/run/capsa"));
         assert_eq!(cfg.hypervisor.max_vcpus, 8);
+    }
+
+    #[test]
+    fn jail_keys() {
+        let d = CapsaConfig::default().hypervisor;
+        assert!(d.jail);
+        assert_eq!(d.jail_config().uids.base, crate::jail::DEFAULT_UID_BASE);
+        let cfg = CapsaConfig::from_toml(
+            "[hypervisor]\njail = false\njail_uid_base = 3000000\njail_uid_count = 10\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let j = cfg.hypervisor.jail_config();
+        assert!(!j.enabled);
+        assert_eq!((j.uids.base, j.uids.count), (3_000_000, 10));
+        for bad in [
+            "jail_uid_base = 0",
+            "jail_uid_base = 65000\njail_uid_count = 1000",
+        ] {
+            let e = CapsaConfig::from_toml(&format!("[hypervisor]\n{bad}\n"), Path::new("t.toml"))
+                .unwrap_err();
+            assert!(e.to_string().contains("jail_uid"), "{e}");
+        }
     }
 
     #[test]

@@ -233,6 +233,15 @@ impl SandboxFactory for VmFactory {
         vm_config.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vm_config.run_root = self.config.runtime.state_dir.clone();
         vm_config.seccomp = h.seccomp;
+        vm_config.jail = h.jail_config();
+        // The VMM and virtiofsd are charged to the pod (Kata's sandbox_cgroup_only); without a
+        // cgroupsPath (`capsa run`) they get capsa's own `capsa/<sandbox id>`.
+        if let Some(p) = spec["linux"]["cgroupsPath"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+        {
+            vm_config.cgroup = crate::jail::CgroupPlacement::SpecPath(p.to_owned());
+        }
         match &virtiofsd {
             Some(v) => vm_config.shared_fs = Some(SharedFsConfig::new(v.clone())),
             None => {

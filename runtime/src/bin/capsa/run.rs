@@ -15,6 +15,8 @@ pub struct Args {
     pub vcpus: Option<u32>,
     pub memory: Option<u64>,
     pub config: Option<PathBuf>,
+    /// Run capsa-vmm without its jail (debugging only).
+    pub no_jail: bool,
     pub source: PathBuf,
     pub command: Vec<String>,
 }
@@ -37,7 +39,12 @@ fn load_config(explicit: Option<PathBuf>) -> anyhow::Result<CapsaConfig> {
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let config = match load_config(args.config) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            if args.no_jail {
+                c.hypervisor.jail = false;
+            }
+            c
+        }
         Err(e) => {
             eprintln!("capsa run: {e:#}");
             return Ok(ExitCode::from(CAPSA_FAILED));

@@ -7,7 +7,9 @@
 //!   AF_VSOCK through vhost-vsock for QEMU);
 //! - the VMM's `BOOT_TIMER` line (capsa only);
 //! - memory: `/proc/<pid>/smaps` of the VMM right after the agent answered, split into the guest RAM
-//!   mapping and everything else (the VMM's own overhead).
+//!   mapping and everything else (the VMM's own overhead);
+//! - the cost of the VMM's jail: capsa-vmm boots with the jail on (the default) and off, alternating, and
+//!   the ratio of the medians of boot to agent ready is printed (`BENCH jail_on_off_ratio=...`).
 //!
 //! Usage: capsa-bench [--runs N] [--vcpus N] [--memory-mib M] [--no-qemu] [--qemu PATH]
 //!                    [--qemu-kernel PATH]
@@ -143,7 +145,13 @@ impl Summary {
     }
 }
 
-async fn capsa_once(inputs: &Inputs, o: &Opts, root: &Path, i: usize) -> anyhow::Result<Sample> {
+async fn capsa_once(
+    inputs: &Inputs,
+    o: &Opts,
+    root: &Path,
+    i: usize,
+    jail: bool,
+) -> anyhow::Result<Sample> {
     let mut c = VmConfig::new(
         inputs.vmm.clone(),
         inputs.kernel.clone(),
@@ -153,7 +161,13 @@ async fn capsa_once(inputs: &Inputs, o: &Opts, root: &Path, i: usize) -> anyhow:
     c.memory_mib = o.memory_mib;
     c.run_root = root.to_path_buf();
     c.boot_timeout = Duration::from_secs(60);
-    let vm = Vm::start(&c, &format!("bench-{i}")).await?;
+    c.jail.enabled = jail;
+    let id = if jail {
+        format!("bench-{i}")
+    } else {
+        format!("bench-nojail-{i}")
+    };
+    let vm = Vm::start(&c, &id).await?;
     let ready = vm.ready_after();
     let mem = smaps::split_pid(vm.pid(), u64::from(o.memory_mib) << 20).ok();
     let timer = vm.boot_timer(Duration::from_secs(1)).await;
@@ -359,13 +373,18 @@ async fn main() -> anyhow::Result<()> {
         qemu_enabled = false;
     }
     let mut capsa = Summary::default();
+    let mut unjailed = Summary::default();
     let mut qemu = Summary::default();
     for i in 0..o.runs {
-        capsa.record(
-            "capsa-vmm",
-            i,
-            capsa_once(&inputs, &o, root.path(), i).await,
-        );
+        // Jail on and off alternate, and which goes first alternates too.
+        for jail in [i % 2 == 0, i % 2 != 0] {
+            let r = capsa_once(&inputs, &o, root.path(), i, jail).await;
+            if jail {
+                capsa.record("capsa-vmm", i, r);
+            } else {
+                unjailed.record("capsa-vmm (jail off)", i, r);
+            }
+        }
         let Some(q) = o.qemu.as_ref().filter(|_| qemu_enabled) else {
             continue;
         };
@@ -435,6 +454,23 @@ async fn main() -> anyhow::Result<()> {
         us(capsa.timer_median(|t| t.kernel_entry_to_agent_us)),
         "-".into(),
         String::new(),
+    );
+    println!();
+    row("", "jail on".into(), "jail off".into(), "on/off".into());
+    row(
+        "capsa-vmm boot to agent ready (median)",
+        capsa.ready_median().map(ms).unwrap_or("-".into()),
+        unjailed.ready_median().map(ms).unwrap_or("-".into()),
+        ratio(secs(&capsa), secs(&unjailed)),
+    );
+    row("  min-max", mm(&capsa), mm(&unjailed), String::new());
+    println!(
+        "BENCH jail_on_off_ratio={} (jail on {} / off {}, {} and {} runs)",
+        ratio(secs(&capsa), secs(&unjailed)),
+        capsa.ready_median().map(ms).unwrap_or("-".into()),
+        unjailed.ready_median().map(ms).unwrap_or("-".into()),
+        capsa.samples.len(),
+        unjailed.samples.len()
     );
     if let Some(m) = capsa.samples.iter().find_map(|s| s.mem.as_ref()) {
         println!("memory split (capsa-vmm): {}", m.method);
