@@ -7,6 +7,8 @@
 //!   and every connection).
 
 mod connection;
+#[cfg(feature = "fuzzing")]
+pub(super) mod fuzz;
 mod muxer;
 mod packet;
 #[cfg(test)]
