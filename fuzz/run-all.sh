@@ -14,9 +14,14 @@ secs=${FUZZ_SECONDS:-45}
 # panics, failed assertions and overflow checks are what the targets report, and without ASan the cold build is
 # shorter and the targets run about twice as fast. FUZZ_SANITIZER=address for a deeper local run.
 san=${FUZZ_SANITIZER:-none}
-fuzz() { cargo +nightly fuzz "$@"; }
+# FUZZ_TARGET_DIR: build somewhere else than fuzz/target (e.g. to time a cold build).
+fuzz() {
+  local sub=$1
+  shift
+  cargo +nightly fuzz "$sub" ${FUZZ_TARGET_DIR:+--target-dir "$FUZZ_TARGET_DIR"} "$@"
+}
 
-mapfile -t targets < <(if [ $# -gt 0 ]; then printf '%s\n' "$@"; else fuzz list; fi)
+mapfile -t targets < <(if [ $# -gt 0 ]; then printf '%s\n' "$@"; else cargo +nightly fuzz list; fi)
 start=$(date +%s)
 if [ $# -gt 0 ]; then
   for t in "${targets[@]}"; do fuzz build -s "$san" "$t"; done
