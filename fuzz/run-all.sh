@@ -6,7 +6,7 @@
 #
 #   FUZZ_SECONDS=60 bash fuzz/run-all.sh            # every target
 #   bash fuzz/run-all.sh vsock_tx desc_chain        # some
-# Reproduce a crash: cargo +nightly fuzz run -s none <target> fuzz/artifacts/<target>/crash-...
+# Reproduce a crash: cargo +nightly fuzz run --dev -s none <target> fuzz/artifacts/<target>/crash-...
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${FUZZ_SECONDS:-45}
@@ -14,11 +14,16 @@ secs=${FUZZ_SECONDS:-45}
 # panics, failed assertions and overflow checks are what the targets report, and without ASan the cold build is
 # shorter and the targets run about twice as fast. FUZZ_SANITIZER=address for a deeper local run.
 san=${FUZZ_SANITIZER:-none}
+# Dev profile (opt-level 0, debug assertions and overflow checks) with 16 codegen units instead of cargo-fuzz's
+# optimised single-unit default: the cold build of the whole instrumented graph (the agent's libcontainer,
+# tokio, oci-spec, protobuf...) is what CI's 2 cores spend most of this step on, and the targets are bound by
+# syscalls (mmap, sockets, files) more than by optimised code. FUZZ_BUILD="-O" for an optimised build.
+build_flags=(${FUZZ_BUILD:---dev --codegen-units 16})
 # FUZZ_TARGET_DIR: build somewhere else than fuzz/target (e.g. to time a cold build).
 fuzz() {
   local sub=$1
   shift
-  cargo +nightly fuzz "$sub" ${FUZZ_TARGET_DIR:+--target-dir "$FUZZ_TARGET_DIR"} "$@"
+  cargo +nightly fuzz "$sub" "${build_flags[@]}" ${FUZZ_TARGET_DIR:+--target-dir "$FUZZ_TARGET_DIR"} "$@"
 }
 
 mapfile -t targets < <(if [ $# -gt 0 ]; then printf '%s\n' "$@"; else cargo +nightly fuzz list; fi)
@@ -45,7 +50,7 @@ for t in "${targets[@]}"; do
     tail -n 40 "$log" >&2
     repro=$(sed -n 's/.*Test unit written to //p' "$log" | tail -n 1)
     echo "fuzz: $t: reproducer ${repro:-not written (see the log above)}" >&2
-    echo "fuzz: reproduce with: cargo +nightly fuzz run -s $san $t ${repro:-fuzz/artifacts/$t/<file>}" >&2
+    echo "fuzz: reproduce with: cargo +nightly fuzz run ${build_flags[*]} -s $san $t ${repro:-fuzz/artifacts/$t/<file>}" >&2
     failed+=("$t")
   fi
 done
