@@ -37,6 +37,9 @@ echo "fuzz: built ${#targets[@]} targets in $(($(date +%s) - start)) s"
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+# The targets' sockets and disk images go there too.
+export TMPDIR="$scratch/tmp"
+mkdir -p "$TMPDIR"
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t" "$scratch/$t"

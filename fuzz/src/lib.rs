@@ -229,14 +229,10 @@ impl Bump {
     }
 }
 
-/// A scratch directory for this fuzzing process (sockets, disk images), on tmpfs when there is one.
+/// A scratch directory for this fuzzing process (sockets, disk images) under `$TMPDIR`, which
+/// `run-all.sh` points into its own scratch directory and removes afterwards.
 pub fn scratch_dir(name: &str) -> std::path::PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        std::path::PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let d = base.join(format!("capsa-fuzz-{name}-{}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("capsa-fuzz-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
 }
