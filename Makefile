@@ -7,7 +7,7 @@ CARGO ?= cargo
 RELEASE_BINS := capsa-vmm capsa-agent capsa capsa-testhost
 E2E_LIST := $(ROOT)/build/e2e-tests.list
 
-.PHONY: all binaries guest-image virtiofsd testhost-image test e2e bench lint clean-cache
+.PHONY: all binaries guest-image virtiofsd testhost-image test e2e bench lint clean-cache fuzz
 
 all: binaries guest-image virtiofsd
 
@@ -28,6 +28,11 @@ testhost-image: binaries
 # Release, like everything else here, so the dependencies are compiled once (see Cargo.toml's profile).
 test:
 	$(CARGO) test --release --workspace
+
+# The cargo-fuzz targets (fuzz/, nightly), FUZZ_SECONDS (default 45) each from the committed corpus; a crash
+# fails with the reproducer's path under fuzz/artifacts/.
+fuzz:
+	bash fuzz/run-all.sh
 
 TESTHOST_LIST := $(ROOT)/build/testhost-tests.list
 
@@ -59,6 +64,7 @@ bench: all testhost-image $(E2E_LIST)
 
 lint:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 FORCE:

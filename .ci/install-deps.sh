@@ -12,3 +12,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# cargo-fuzz for `make fuzz` (the fuzz targets build with the nightly toolchain the machine has).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi

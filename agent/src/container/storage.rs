@@ -76,25 +76,32 @@ pub fn parse_options(opts: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
+/// The clean, absolute mount point a storage request names; `/` and anything under `/proc`, `/sys` or
+/// `/dev` are refused. The first check [`Storages::acquire`] makes, with no side effect.
+pub fn mount_point(s: &Storage) -> Result<PathBuf, StorageError> {
+    let mp = clean_absolute(Path::new(&s.mount_point))
+        .map_err(|e| StorageError::MountPoint(s.mount_point.clone(), e.to_string()))?;
+    if mp == Path::new("/") {
+        return Err(StorageError::MountPoint(
+            s.mount_point.clone(),
+            "cannot mount over /".into(),
+        ));
+    }
+    for forbidden in ["/proc", "/sys", "/dev"] {
+        if mp.starts_with(forbidden) {
+            return Err(StorageError::MountPoint(
+                s.mount_point.clone(),
+                format!("cannot mount under {forbidden}"),
+            ));
+        }
+    }
+    Ok(mp)
+}
+
 impl Storages {
     /// Mounts `s` (or takes another reference if it is mounted) and returns its mount point.
     pub fn acquire(&self, s: &Storage) -> Result<PathBuf, StorageError> {
-        let mp = clean_absolute(Path::new(&s.mount_point))
-            .map_err(|e| StorageError::MountPoint(s.mount_point.clone(), e.to_string()))?;
-        if mp == Path::new("/") {
-            return Err(StorageError::MountPoint(
-                s.mount_point.clone(),
-                "cannot mount over /".into(),
-            ));
-        }
-        for forbidden in ["/proc", "/sys", "/dev"] {
-            if mp.starts_with(forbidden) {
-                return Err(StorageError::MountPoint(
-                    s.mount_point.clone(),
-                    format!("cannot mount under {forbidden}"),
-                ));
-            }
-        }
+        let mp = mount_point(s)?;
         let driver = s
             .driver
             .enum_value()

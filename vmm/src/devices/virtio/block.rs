@@ -734,3 +734,34 @@ mod tests {
         );
     }
 }
+
+/// The request handler of the worker, driven synchronously by the fuzz targets in fuzz/ (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(super) mod fuzz {
+    use super::{Block, Disk, GuestMemoryMmap, CHUNK, SECTOR_SIZE};
+    use virtio_queue::DescriptorChain;
+
+    /// What [`Block`]'s worker serves requests with, built as `activate` builds it.
+    pub struct BlockHarness(Disk);
+
+    impl BlockHarness {
+        pub fn new(block: &Block) -> std::io::Result<Self> {
+            Ok(Self(Disk {
+                file: block.file.try_clone()?,
+                read_only: block.read_only,
+                capacity_bytes: block.capacity * SECTOR_SIZE,
+                id: block.id,
+                buf: vec![0u8; CHUNK],
+            }))
+        }
+
+        /// Serve one request chain; returns the used length the worker would report.
+        pub fn handle(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            chain: DescriptorChain<&GuestMemoryMmap>,
+        ) -> u32 {
+            self.0.handle(mem, chain)
+        }
+    }
+}

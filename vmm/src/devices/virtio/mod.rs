@@ -32,6 +32,8 @@
 pub mod block;
 mod chain;
 pub mod fs;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod rng;

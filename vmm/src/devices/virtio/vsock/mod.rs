@@ -12,6 +12,8 @@
 //! stops taking tx chains (they stay in the queue: back-pressure, nothing dropped) until host peers read.
 
 mod connection;
+#[cfg(feature = "fuzzing")]
+pub(super) mod fuzz;
 mod muxer;
 mod packet;
 #[cfg(test)]
