@@ -121,10 +121,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let mut queue = q.device_side(QUEUE_SIZE);
+    let mut queue = capsa_vmm::devices::virtio::fuzzing::DeviceQueue::new(
+        q.device_side(QUEUE_SIZE),
+        vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd"),
+    );
     // Well-formed requests: the used length never exceeds what the driver made writable, and a served
     // request's status byte holds a virtio-blk status.
-    while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+    while let Some(chain) = queue.pop(&mem) {
         let head = chain.head_index();
         let used = harness.handle(&mem, chain);
         let Some(&(_, writable, status_addr, status_len)) = expected.iter().find(|e| e.0 == head)

@@ -738,8 +738,7 @@ mod tests {
 /// The request handler of the worker, driven synchronously by the fuzz targets in fuzz/ (feature `fuzzing`).
 #[cfg(feature = "fuzzing")]
 pub(super) mod fuzz {
-    use super::{Block, Disk, GuestMemoryMmap, CHUNK, SECTOR_SIZE};
-    use virtio_queue::DescriptorChain;
+    use super::{Block, Disk, GuestMemoryMmap, RawChain, CHUNK, SECTOR_SIZE};
 
     /// What [`Block`]'s worker serves requests with, built as `activate` builds it.
     pub struct BlockHarness(Disk);
@@ -756,11 +755,7 @@ pub(super) mod fuzz {
         }
 
         /// Serve one request chain; returns the used length the worker would report.
-        pub fn handle(
-            &mut self,
-            mem: &GuestMemoryMmap,
-            chain: DescriptorChain<&GuestMemoryMmap>,
-        ) -> u32 {
+        pub fn handle(&mut self, mem: &GuestMemoryMmap, chain: RawChain) -> u32 {
             self.0.handle(mem, chain)
         }
     }

@@ -18,6 +18,8 @@ use super::{
 
 pub struct VsockHarness {
     worker: VsockWorker,
+    /// Never signalled: the worker's between-chains stop check reads it.
+    kill: EventFd,
     uds_path: PathBuf,
 }
 
@@ -35,7 +37,13 @@ impl VsockHarness {
         }
         let listener = bind_listener(uds_path).map_err(io::Error::other)?;
         let epoll = vmm_sys_util::epoll::Epoll::new()?;
-        let muxer = Muxer::new(cid, uds_path.to_path_buf(), listener, epoll)?;
+        let muxer = Muxer::new(
+            cid,
+            uds_path.to_path_buf(),
+            listener,
+            epoll,
+            super::connection::HostBuffered::default(),
+        )?;
         Ok(Self {
             worker: VsockWorker {
                 mem,
@@ -46,7 +54,9 @@ impl VsockHarness {
                     .collect(),
                 muxer,
                 payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+                host_buffer_limit: super::MAX_HOST_BUFFERED,
             },
+            kill: EventFd::new(0)?,
             uds_path: uds_path.to_path_buf(),
         })
     }
@@ -55,8 +65,9 @@ impl VsockHarness {
     /// host-side events (listener, connections) that are ready now.
     pub fn step(&mut self) {
         let w = &mut self.worker;
-        w.process_tx();
-        w.process_rx();
+        let kill = &self.kill;
+        let _ = w.process_tx(kill);
+        let _ = w.process_rx(kill);
         let _ = w.muxer.check_deadlines(Instant::now());
         for q in &mut w.queues {
             q.notify(&w.mem, &w.interrupt);
@@ -74,8 +85,8 @@ impl VsockHarness {
                 t => w.muxer.on_connection_event(t, ev.event_set()),
             }
         }
-        w.process_tx();
-        w.process_rx();
+        let _ = w.process_tx(kill);
+        let _ = w.process_rx(kill);
     }
 
     /// The interrupt status the worker raised (bit 0: used buffers).
