@@ -56,7 +56,7 @@ impl VsockHarness {
                 payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
                 host_buffer_limit: super::MAX_HOST_BUFFERED,
             },
-            kill: EventFd::new(0)?,
+            kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
             uds_path: uds_path.to_path_buf(),
         })
     }
