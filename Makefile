@@ -28,6 +28,8 @@ testhost-image: binaries
 # Release, like everything else here, so the dependencies are compiled once (see Cargo.toml's profile).
 test:
 	$(CARGO) test --release --workspace
+	# The VMM's seccomp self-test hook exists only in debug builds (never in a release binary).
+	$(CARGO) test -p capsa-vmm --test seccomp
 
 # The cargo-fuzz targets (fuzz/, nightly), FUZZ_SECONDS (default 45) each from the committed corpus; a crash
 # fails with the reproducer's path under fuzz/artifacts/.

@@ -24,6 +24,9 @@ fn hello_kernel(dir: &Path) -> String {
         .to_string()
 }
 
+// The two tests below need the `--seccomp-selftest` hook, which only debug builds carry: `make test`
+// runs this file once more in the dev profile for them.
+#[cfg(debug_assertions)]
 #[test]
 fn a_forbidden_syscall_once_filters_are_on_kills_the_vmm_with_sigsys() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,6 +46,7 @@ fn a_forbidden_syscall_once_filters_are_on_kills_the_vmm_with_sigsys() {
     assert!(o.stdout.is_empty());
 }
 
+#[cfg(debug_assertions)]
 #[test]
 fn off_and_log_let_the_forbidden_syscall_through_and_say_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,6 +63,26 @@ fn off_and_log_let_the_forbidden_syscall_through_and_say_so() {
         assert!(err.contains("the filter did not stop it"), "{mode}: {err}");
         assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n", "{mode}");
     }
+    let o = vmm()
+        .args(["--kernel", &k, "--seccomp", "maybe"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// A release binary does not carry the debug-only self-test hook, and refuses a bad mode.
+#[cfg(not(debug_assertions))]
+#[test]
+fn the_release_binary_has_no_selftest_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = hello_kernel(dir.path());
+    let o = vmm()
+        .args(["--kernel", &k, "--memory-mib", "32", "--seccomp-selftest"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--seccomp-selftest"), "{err}");
     let o = vmm()
         .args(["--kernel", &k, "--seccomp", "maybe"])
         .output()
