@@ -18,6 +18,9 @@
 //! jail = true                             # false: capsa-vmm runs as root, unconfined (debugging only)
 //! jail_uid_base = 1900000000              # the jails' uids/gids: jail_uid_base .. +jail_uid_count
 //! jail_uid_count = 65536
+//! boot_timeout_secs = 60                  # VMM start → agent answers; the error shows the console's tail
+//! virtiofsd_timeout_secs = 20             # virtiofsd start → its socket exists
+//! stop_timeout_secs = 10                  # each step of a VM stop (DestroySandbox, SIGTERM, then SIGKILL)
 //!
 //! [runtime]
 //! log_level = "info"
@@ -30,6 +33,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// Default `boot_timeout_secs`: issue 12 saw a guest reach its agent after 26 s on the nested 2-core test
+/// host with four pods starting at once (2-3 s alone), so the old fixed 30 s was too tight for a busy node.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
+/// Default `virtiofsd_timeout_secs` (5 s failed under the same load).
+pub const DEFAULT_VIRTIOFSD_TIMEOUT_SECS: u64 = 20;
+/// Default `stop_timeout_secs`.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 
 /// Where the shim and `capsa run` look for the configuration unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsa/configuration.toml";
@@ -91,6 +102,12 @@ pub struct HypervisorConfig {
     pub jail_uid_base: u32,
     /// Size of the jails' uid range (how many sandboxes may run at once).
     pub jail_uid_count: u32,
+    /// Seconds from starting the VMM to the agent's first answer before the boot is given up.
+    pub boot_timeout_secs: u64,
+    /// Seconds virtiofsd may take to create its socket.
+    pub virtiofsd_timeout_secs: u64,
+    /// Seconds for each step of stopping a VM (DestroySandbox, then after SIGTERM).
+    pub stop_timeout_secs: u64,
 }
 
 /// How a container's root file system reaches the guest.
@@ -127,6 +144,15 @@ fn default_virtiofsd_from(exe_dir: Option<&Path>) -> PathBuf {
 }
 
 impl HypervisorConfig {
+    /// Applies the configured timeouts to a VM's configuration.
+    pub fn apply_timeouts(&self, vm: &mut crate::vm::VmConfig) {
+        vm.boot_timeout = std::time::Duration::from_secs(self.boot_timeout_secs);
+        vm.stop_timeout = std::time::Duration::from_secs(self.stop_timeout_secs);
+        if let Some(fs) = vm.shared_fs.as_mut() {
+            fs.start_timeout = std::time::Duration::from_secs(self.virtiofsd_timeout_secs);
+        }
+    }
+
     /// The root file system mode to use and, for virtio-fs, the virtiofsd binary. An explicit
     /// `rootfs_mode = "virtio-fs"` without virtiofsd is an error; unset falls back to block.
     pub fn resolve_rootfs_mode(&self) -> Result<(RootfsMode, Option<PathBuf>), ConfigError> {
@@ -161,6 +187,9 @@ impl Default for HypervisorConfig {
             jail: true,
             jail_uid_base: crate::jail::DEFAULT_UID_BASE,
             jail_uid_count: crate::jail::DEFAULT_UID_COUNT,
+            boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
+            virtiofsd_timeout_secs: DEFAULT_VIRTIOFSD_TIMEOUT_SECS,
+            stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
         }
     }
 }
@@ -253,6 +282,17 @@ impl CapsaConfig {
         h.jail_config().uids.validate().map_err(|e| {
             ConfigError::Invalid(format!("hypervisor.jail_uid_base/jail_uid_count: {e}"))
         })?;
+        for (key, v) in [
+            ("boot_timeout_secs", h.boot_timeout_secs),
+            ("virtiofsd_timeout_secs", h.virtiofsd_timeout_secs),
+            ("stop_timeout_secs", h.stop_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "hypervisor.{key} = {v} must be between 1 and 3600"
+                )));
+            }
+        }
         match self.runtime.log_level.as_str() {
             "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
             other => Err(ConfigError::Invalid(format!(
@@ -626,5 +666,33 @@ mod tests {
             ContainerLimits::from_spec(&spec),
             ContainerLimits::default()
         );
+    }
+
+    #[test]
+    fn timeouts_are_configurable_and_bounded() {
+        let path = Path::new("/etc/capsa/configuration.toml");
+        let cfg = CapsaConfig::from_toml(
+            "[hypervisor]\nboot_timeout_secs = 90\nvirtiofsd_timeout_secs = 7\nstop_timeout_secs = 3\n",
+            path,
+        )
+        .unwrap();
+        let mut vm = crate::vm::VmConfig::new("vmm".into(), "k".into(), None);
+        vm.shared_fs = Some(crate::virtiofsd::SharedFsConfig::new("virtiofsd".into()));
+        cfg.hypervisor.apply_timeouts(&mut vm);
+        assert_eq!(vm.boot_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(vm.stop_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(
+            vm.shared_fs.unwrap().start_timeout,
+            std::time::Duration::from_secs(7)
+        );
+        let d = CapsaConfig::default().hypervisor;
+        assert_eq!(
+            (d.boot_timeout_secs, d.virtiofsd_timeout_secs),
+            (DEFAULT_BOOT_TIMEOUT_SECS, DEFAULT_VIRTIOFSD_TIMEOUT_SECS)
+        );
+        let e = CapsaConfig::from_toml("[hypervisor]\nboot_timeout_secs = 0\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot_timeout_secs = 0"), "{e}");
     }
 }

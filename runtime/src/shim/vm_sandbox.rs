@@ -251,6 +251,7 @@ impl SandboxFactory for VmFactory {
                 }]
             }
         }
+        h.apply_timeouts(&mut vm_config);
         if !h.kernel_params.is_empty() {
             vm_config.extra_cmdline = h
                 .kernel_params
