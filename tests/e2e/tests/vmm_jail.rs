@@ -1,6 +1,6 @@
 //! capsa-vmm's jail and the pod cgroup through containerd's CRI (issue 11, item 1), in one capsa pod with
 //! a `cgroup_parent`. While the pod runs, every thread of its VMM must show a non-zero uid (the same on all
-//! four ids), no capabilities in any set, `NoNewPrivs: 1`, a root directory that is not the host's (and
+//! four ids), no capabilities in any set, `NoNewPrivs: 1`, `Seccomp: 2` (its own filter), a root directory that is not the host's (and
 //! holds no `/etc`, `/proc` or `/usr`), mount, IPC, network and UTS namespaces of its own, and membership in the pod's
 //! cgroup (the sandbox's `cgroupsPath` = `<cgroup_parent>/<pod id>`); virtiofsd must be in the same cgroup;
 //! the container's stdout reaches its log and ExecSync works. After RemovePodSandbox nothing is left: no
@@ -64,7 +64,8 @@ fn pids_of(binary_suffix: &str, needle: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Every thread of `pid`: uid non-zero and the same everywhere, no capabilities, no new privileges.
+/// Every thread of `pid`: uid non-zero and the same everywhere, no capabilities, no new privileges, a
+/// seccomp filter.
 fn check_threads(pid: i32) -> Result<String, String> {
     let dir = PathBuf::from(format!("/proc/{pid}/task"));
     let tids: Vec<String> = std::fs::read_dir(&dir)
@@ -100,9 +101,14 @@ fn check_threads(pid: i32) -> Result<String, String> {
         if nnp != "1" {
             return Err(format!("thread {tid}: NoNewPrivs: {nnp}"));
         }
+        // Seccomp filter mode on every thread (issue 11 item 2: each installs its own allowlist).
+        let seccomp = status_field(&st, "Seccomp:");
+        if seccomp != "2" {
+            return Err(format!("thread {tid}: Seccomp: {seccomp}"));
+        }
     }
     Ok(format!(
-        "{} threads, uid {}, CapEff 0000000000000000, NoNewPrivs 1",
+        "{} threads, uid {}, CapEff 0000000000000000, NoNewPrivs 1, Seccomp 2",
         tids.len(),
         uid.unwrap_or_default()
     ))
