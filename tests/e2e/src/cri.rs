@@ -143,6 +143,22 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// Pids of processes whose command line's first word ends with `program` and that mention `needle`.
+pub fn pids_of(program: &str, needle: &str) -> Vec<i32> {
+    pids_mentioning(needle)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .next()
+                        .is_some_and(|a| a.ends_with(program.as_bytes()))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 impl CriContainerd {
     /// Starts containerd and imports the images. Panics (after cleaning up) when it cannot.
     pub fn start(inputs: &Inputs) -> Self {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use capsa_e2e::cri::pids_of;
 use capsa_e2e::{e2e_enabled, workspace_root, Inputs};
 
 const IMAGE: &str = "docker.io/library/busybox:capsa";
@@ -52,6 +53,22 @@ impl Containerd {
         let mut args = RUN_RM.to_vec();
         args.extend_from_slice(flags);
         args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// `ctr run -d` of the busybox image with capsa's runtime.
+    fn run_detached(&self, id: &str, cmd: &[&str]) -> Output {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+        ];
         args.extend_from_slice(cmd);
         self.ctr(&args)
     }
@@ -188,23 +205,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Pids of processes whose executable name is `program` and whose command line mentions `needle`.
-fn pids_of(program: &str, needle: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            (comm.trim() == program && String::from_utf8_lossy(&cmdline).contains(needle))
-                .then_some(pid)
-        })
-        .collect()
-}
-
-fn parent_pid(pid: u32) -> u32 {
+fn parent_pid(pid: i32) -> i32 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -262,18 +263,7 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
     );
 
     // A long-running container: exec into it, then kill and delete it.
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "native",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "e2e-long",
-        "sleep",
-        "600",
-    ]);
+    let o = c.run_detached("e2e-long", &["sleep", "600"]);
     assert!(o.status.success(), "{}", text(&o));
     let o = c.ctr(&[
         "task",
@@ -318,18 +308,7 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
 
     // virtiofsd killed under a running task: the VM is stopped, the task exits (no wedge), and
     // delete works.
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "native",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "e2e-fsd",
-        "sleep",
-        "600",
-    ]);
+    let o = c.run_detached("e2e-fsd", &["sleep", "600"]);
     assert!(o.status.success(), "{}", text(&o));
     let sandbox_dir = c.state_dir().join("e2e-fsd");
     let fsd = pids_of("virtiofsd", &sandbox_dir.to_string_lossy());

@@ -29,8 +29,8 @@ use capsa_e2e::cni::{
     exec, missing_cni_plugins, net_pod_config, pod_network, wait_network_ready, BridgeNet,
 };
 use capsa_e2e::cri::{
-    container_config, containerd_available, pids_mentioning, port_forward, Cri, CriContainerd,
-    BUSYBOX_IMAGE,
+    container_config, containerd_available, pids_mentioning, pids_of, port_forward, Cri,
+    CriContainerd, BUSYBOX_IMAGE,
 };
 use capsa_e2e::{e2e_enabled, Inputs};
 use k8s_cri::v1 as cri;
@@ -440,22 +440,6 @@ async fn remove_and_check(c: &CriContainerd, cri: &Cri, pod: &Pod) -> Result<Str
 enum Crash {
     Vmm,
     Shim,
-}
-
-/// Pids of processes whose command line's first word ends with `program` and that mention `needle`.
-fn pids_of(program: &str, needle: &str) -> Vec<i32> {
-    pids_mentioning(needle)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .next()
-                        .is_some_and(|a| a.ends_with(program.as_bytes()))
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// SIGKILLs the pod's VMM or shim, checks what that leaves in the netns, then removes the pod and

@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use capsa_e2e::cri::{
-    container_config, containerd_available, log_lines, pids_mentioning, pod_config, Cri,
-    CriContainerd,
+    container_config, containerd_available, log_lines, pids_of, pod_config, Cri, CriContainerd,
 };
 use capsa_e2e::{e2e_enabled, Inputs};
 
@@ -47,21 +46,6 @@ fn status_field(status: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(key))
         .map(|v| v.trim().to_owned())
         .unwrap_or_default()
-}
-
-fn pids_of(binary_suffix: &str, needle: &str) -> Vec<i32> {
-    pids_mentioning(needle)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .next()
-                        .is_some_and(|a| a.ends_with(binary_suffix.as_bytes()))
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// Every thread of `pid`: uid non-zero and the same everywhere, no capabilities, no new privileges, a
