@@ -26,8 +26,15 @@
 //! log_level = "info"
 //! state_dir = "/run/capsa"                # one directory per sandbox under it
 //! ```
-//! Every key is optional. Annotations `capsa.io/vcpus` and `capsa.io/memory` (MiB, or a size with
-//! `Mi`/`Gi`/`M`/`G`) override the defaults for one pod, within `max_vcpus`/`max_memory_mib`.
+//! Every key is optional.
+//!
+//! A pod's VM is sized like Kata's static sandbox resource management: the default size, plus the pod's
+//! memory limits and CPU quota on top (containerd's CRI plugin annotates the sandbox with the kubelet's sum of
+//! the containers' limits: `io.kubernetes.cri.sandbox-memory`, `-cpu-quota`, `-cpu-period`; a standalone
+//! container brings its own `linux.resources`). Annotations `capsa.io/vcpus` and `capsa.io/memory` (MiB, or a
+//! size with `Mi`/`Gi`/`M`/`G`) override the result for one pod. Whatever the source, a VM over
+//! `max_vcpus`/`max_memory_mib` is refused with the numbers rather than cut down (a CPU quota over the
+//! vCPU maximum only caps the pod's share, so that one is clamped with a warning).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +56,12 @@ pub const CONFIG_ENV: &str = "CAPSA_CONFIG";
 
 pub const ANNOTATION_VCPUS: &str = "capsa.io/vcpus";
 pub const ANNOTATION_MEMORY: &str = "capsa.io/memory";
+
+/// containerd's CRI plugin (1.6.x and later) puts the kubelet's pod resources (the sum of the containers'
+/// limits, `LinuxPodSandboxConfig.resources`) on the sandbox spec under these keys; `0` means no limit.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// Memory the guest kernel and agent need on top of what the containers may use.
 pub const GUEST_BASE_MEMORY_MIB: u64 = 128;
@@ -301,14 +314,19 @@ impl CapsaConfig {
         }
     }
 
-    /// Size of the VM for a sandbox whose spec carries `annotations` and, for a standalone container,
-    /// its own `limits`: annotations override the defaults; a container's memory limit and CPU quota are
-    /// added on top of the default, so the limit can actually be used inside the guest.
+    /// Size of the VM for a sandbox whose spec carries `annotations` and `limits` (its `linux.resources`):
+    /// the pod's limits from containerd's CRI sandbox annotations when present (else `limits`) are added
+    /// on top of the default size, so they can actually be used inside the guest; `capsa.io/*`
+    /// annotations override the result.
     pub fn vm_size(
         &self,
         annotations: &HashMap<String, String>,
         limits: ContainerLimits,
     ) -> Result<VmSize, ConfigError> {
+        let (limits, whose) = match ContainerLimits::from_cri_sandbox(annotations)? {
+            Some(pod) => (pod.or(limits), "pod's"),
+            None => (limits, "container's"),
+        };
         let h = &self.hypervisor;
         let mut size = VmSize {
             vcpus: h.default_vcpus,
@@ -355,7 +373,7 @@ impl CapsaConfig {
                 // Refused, not cut: a smaller VM would OOM-kill the container below its own limit.
                 if want > h.max_memory_mib {
                     return Err(ConfigError::TooLarge(format!(
-                        "the container's memory limit of {mib} MiB needs a {want} MiB VM (the limit plus \
+                        "the {whose} memory limit of {mib} MiB needs a {want} MiB VM (the limit plus \
                          {GUEST_BASE_MEMORY_MIB} MiB for the guest), over hypervisor.max_memory_mib = {} MiB",
                         h.max_memory_mib
                     )));
@@ -409,6 +427,53 @@ impl ContainerLimits {
                 .ok()
                 .filter(|c| *c > 0),
             _ => None,
+        }
+    }
+
+    /// The pod's limits from containerd's CRI sandbox annotations; `None` when the spec has none of
+    /// them (not a CRI sandbox, or a containerd that does not set them). A value that is not a number
+    /// is an error naming the annotation.
+    pub fn from_cri_sandbox(
+        annotations: &HashMap<String, String>,
+    ) -> Result<Option<Self>, ConfigError> {
+        let number = |key: &str| -> Result<Option<i64>, ConfigError> {
+            annotations
+                .get(key)
+                .map(|v| {
+                    v.trim()
+                        .parse::<i64>()
+                        .map_err(|_| ConfigError::Annotation {
+                            key: key.into(),
+                            value: v.clone(),
+                            reason: "not a whole number".into(),
+                        })
+                })
+                .transpose()
+        };
+        let memory = number(CRI_SANDBOX_MEMORY)?;
+        let quota = number(CRI_SANDBOX_CPU_QUOTA)?;
+        let period = number(CRI_SANDBOX_CPU_PERIOD)?;
+        if memory.is_none() && quota.is_none() && period.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ContainerLimits {
+            memory_bytes: memory.filter(|m| *m > 0).map(|m| m as u64),
+            cpu_quota: quota.filter(|q| *q > 0),
+            cpu_period: period.filter(|p| *p > 0).map(|p| p as u64),
+        }))
+    }
+
+    /// These limits, with each one that is unset taken from `other`.
+    pub fn or(self, other: Self) -> Self {
+        let (cpu_quota, cpu_period) = if self.cpus().is_some() {
+            (self.cpu_quota, self.cpu_period)
+        } else {
+            (other.cpu_quota, other.cpu_period)
+        };
+        ContainerLimits {
+            memory_bytes: self.memory_bytes.or(other.memory_bytes),
+            cpu_quota,
+            cpu_period,
         }
     }
 
@@ -665,6 +730,86 @@ mod tests {
         assert_eq!(
             ContainerLimits::from_spec(&spec),
             ContainerLimits::default()
+        );
+    }
+
+    #[test]
+    fn a_cri_pod_is_sized_from_containerds_sandbox_annotations() {
+        let cfg = CapsaConfig::default();
+        // The kubelet's sum of the containers' limits: 512 MiB and 1.5 CPUs.
+        let pod = ann(&[
+            (CRI_SANDBOX_MEMORY, "536870912"),
+            (CRI_SANDBOX_CPU_QUOTA, "150000"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+        ]);
+        let size = cfg.vm_size(&pod, ContainerLimits::default()).unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 3,
+                memory_mib: GUEST_BASE_MEMORY_MIB + 512
+            }
+        );
+        // A pod without limits (containerd writes zeros) gets the default size.
+        let unlimited = ann(&[
+            (CRI_SANDBOX_MEMORY, "0"),
+            (CRI_SANDBOX_CPU_QUOTA, "0"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+        ]);
+        assert_eq!(
+            cfg.vm_size(&unlimited, ContainerLimits::default()).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        // The sandbox spec's own linux.resources fill what the annotations leave unset.
+        let spec_limits = ContainerLimits {
+            memory_bytes: Some(64 << 20),
+            cpu_quota: Some(100000),
+            cpu_period: Some(100000),
+        };
+        let size = cfg
+            .vm_size(&ann(&[(CRI_SANDBOX_MEMORY, "536870912")]), spec_limits)
+            .unwrap();
+        assert_eq!(
+            (size.vcpus, size.memory_mib),
+            (2, GUEST_BASE_MEMORY_MIB + 512)
+        );
+        // capsa.io annotations still override.
+        let mut both = pod.clone();
+        both.insert(ANNOTATION_MEMORY.into(), "300".into());
+        both.insert(ANNOTATION_VCPUS.into(), "1".into());
+        assert_eq!(
+            cfg.vm_size(&both, ContainerLimits::default()).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 300
+            }
+        );
+        // Over the maximum: refused with the numbers and whose limit it was.
+        let e = cfg
+            .vm_size(
+                &ann(&[(CRI_SANDBOX_MEMORY, "107374182400")]),
+                ContainerLimits::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pod's memory limit of 102400 MiB") && e.contains("max_memory_mib = 8192"),
+            "{e}"
+        );
+        // Garbage in an annotation names the annotation.
+        let e = cfg
+            .vm_size(
+                &ann(&[(CRI_SANDBOX_CPU_QUOTA, "lots")]),
+                ContainerLimits::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(CRI_SANDBOX_CPU_QUOTA) && e.contains("lots"),
+            "{e}"
         );
     }
 

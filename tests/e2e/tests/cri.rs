@@ -25,13 +25,31 @@ struct PodRun {
     exec_exit: i32,
     /// `uname -r` inside the pod.
     kernel: String,
+    /// `nproc` and MemTotal (KiB) seen by container two.
+    cpus: u32,
+    mem_total_kib: u64,
+}
+
+/// The pod's resources as the kubelet passes them (the sum of its containers' limits): 256 MiB and one
+/// CPU. containerd turns them into the sandbox annotations that size a capsa VM: one vCPU and 128 MiB
+/// for the guest on top, so 2 vCPUs and 384 MiB where an unsized pod gets 1 and 256.
+fn pod_resources() -> k8s_cri::v1::LinuxContainerResources {
+    k8s_cri::v1::LinuxContainerResources {
+        memory_limit_in_bytes: 256 << 20,
+        cpu_quota: 100_000,
+        cpu_period: 100_000,
+        ..Default::default()
+    }
 }
 
 async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
     let cri = c.client().await;
     let name = format!("pod-{handler}");
     let log_dir = c.log_dir(&name);
-    let pod_cfg = pod_config(&name, &log_dir);
+    let mut pod_cfg = pod_config(&name, &log_dir);
+    if let Some(linux) = pod_cfg.linux.as_mut() {
+        linux.resources = Some(pod_resources());
+    }
     let pod = cri
         .run_pod(&pod_cfg, handler)
         .await
@@ -84,6 +102,17 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
         {
             eprintln!("{handler}: container two, PID 1: {}", String::from_utf8_lossy(&p1.stdout).replace('\n', " "));
         }
+        let size = cri
+            .exec_sync(&two, &["sh", "-c", "nproc; grep MemTotal /proc/meminfo"])
+            .await
+            .map_err(|e| format!("ExecSync nproc: {e}"))?;
+        let size = String::from_utf8_lossy(&size.stdout).into_owned();
+        let mut words = size.split_whitespace();
+        let cpus = words.next().and_then(|w| w.parse().ok());
+        let mem_total_kib = words.nth(1).and_then(|w| w.parse().ok());
+        let (Some(cpus), Some(mem_total_kib)) = (cpus, mem_total_kib) else {
+            return Err(format!("nproc / MemTotal: {size:?}"));
+        };
         let st = cri.status(&two).await.map_err(|e| e.to_string())?;
         if st.state != k8s_cri::v1::ContainerState::ContainerRunning as i32 {
             return Err(format!("container two is not running: {st:?}"));
@@ -118,6 +147,8 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
             exec_stderr: String::from_utf8_lossy(&exec.stderr).into_owned(),
             exec_exit: exec.exit_code,
             kernel,
+            cpus,
+            mem_total_kib,
         })
     }
     .await;
@@ -143,6 +174,19 @@ fn cri_pod_under_capsa_and_runc() {
     eprintln!("capsa: {capsa:?}");
     let runc = rt.block_on(run_pod(&c, "runc"));
     eprintln!("runc:  {runc:?}");
+    // A pod whose limits need a VM over hypervisor.max_memory_mib (8 GiB) is refused at RunPodSandbox,
+    // with the numbers, and leaves nothing behind (checked with the state dir below).
+    let too_big = rt.block_on(async {
+        let cri = c.client().await;
+        let mut cfg = pod_config("pod-too-big", &c.log_dir("pod-too-big"));
+        if let Some(linux) = cfg.linux.as_mut() {
+            linux.resources = Some(k8s_cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: 100 << 30,
+                ..Default::default()
+            });
+        }
+        cri.run_pod(&cfg, "capsa").await
+    });
     let tail = c.log_tail();
     let runc = runc.unwrap_or_else(|e| panic!("pod under runc: {e}\n{tail}"));
     assert_eq!(runc.one_stdout, ["hello from one"]);
@@ -154,7 +198,22 @@ fn cri_pod_under_capsa_and_runc() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left in capsa's state dir: {left:?}");
     assert!(capsa_e2e::cri::pids_mentioning(&c.capsa_state.to_string_lossy()).is_empty());
+    match too_big {
+        Ok(id) => panic!("a pod of 100 GiB ran as {id}"),
+        Err(e) => assert!(
+            e.message().contains("pod's memory limit of 102400 MiB")
+                && e.message().contains("max_memory_mib"),
+            "{e:?}"
+        ),
+    }
     let capsa = capsa.unwrap_or_else(|e| panic!("pod under capsa: {e}\n{tail}"));
+    // Sized from the pod's resources (see pod_resources): 2 vCPUs and a 384 MiB VM, of which the guest
+    // kernel keeps some for itself; an unsized pod would show 1 and under 256 MiB.
+    assert_eq!(capsa.cpus, 2, "{capsa:?}");
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&capsa.mem_total_kib),
+        "{capsa:?}"
+    );
 
     assert_eq!(capsa.one_stdout, ["hello from one"]);
     assert_eq!(capsa.one_stderr, ["to-stderr"]);
@@ -178,6 +237,7 @@ fn cri_pod_under_capsa_and_runc() {
     );
     assert!(!capsa.kernel.is_empty());
     let same = |r: &PodRun| {
+        // (nproc and MemTotal differ by design: the VM's size against the test host's.)
         (
             r.one_stdout.clone(),
             r.one_stderr.clone(),

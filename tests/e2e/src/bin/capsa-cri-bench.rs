@@ -221,6 +221,12 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
                 rss as f64 / 1024.0,
                 pss as f64 / 1024.0
             );
+            // What the RuntimeClass's overhead.podFixed.memory should be: the PSS rounded up to 16 MiB.
+            let overhead_mib = pss.div_ceil(1024).div_ceil(16) * 16;
+            println!(
+                "  RuntimeClass overhead.podFixed.memory from this: {overhead_mib}Mi (capsa install prints {})",
+                capsa_runtime::shim::install::OVERHEAD_MEMORY
+            );
         }
         _ => println!("  n/a (no capsa pod ran)"),
     }
