@@ -772,6 +772,7 @@ impl Vm {
                 masked,
                 devices,
                 max_threads: config.max_vmm_threads(),
+                guest_memory_bytes: u64::from(config.memory_mib) << 20,
             };
             let jail = Jail::prepare(&req, config.jail.uids)?;
             tracing::info!(sandbox = sandbox_id, uid = jail.uid(), root = %jail.root().display(), "VMM jail prepared");
@@ -1326,6 +1327,7 @@ mod tests {
             masked: Vec::new(),
             devices: Vec::new(),
             max_threads: c.max_vmm_threads(),
+            guest_memory_bytes: u64::from(c.memory_mib) << 20,
         };
         let jail = Jail::prepare(&req, c.jail.uids).unwrap();
         let jc = c.jailed(&jail);

@@ -50,8 +50,9 @@ pub const JAIL_DIR: &str = ".jail";
 /// for 8 vCPUs and a dozen devices) plus one per hybrid-vsock connection, which the guest and the shim
 /// open; this bounds those to a few thousand.
 pub const MAX_OPEN_FILES: u64 = 4096;
-/// The console log may grow to this (RLIMIT_FSIZE, unless a writable disk is larger); beyond it writes
-/// fail with EFBIG (SIGXFSZ is ignored) and the VMM logs that serial output stopped.
+/// The console log may grow to this (RLIMIT_FSIZE, unless a writable disk or the guest memory is larger:
+/// the VMM sizes its guest-memory memfd with ftruncate, which RLIMIT_FSIZE bounds too); beyond it writes
+/// fail with EFBIG (SIGXFSZ is ignored). The VMM caps the console log itself (`--console-limit`).
 pub const CONSOLE_LOG_MAX: u64 = 256 << 20;
 /// RLIMIT_NPROC counts the threads of the jail uid, which only this VMM uses: its main thread, one per
 /// vCPU and one per device worker, plus this many spare.
@@ -131,6 +132,8 @@ pub struct JailRequest<'a> {
     pub devices: Vec<PathBuf>,
     /// RLIMIT_NPROC (see [`SPARE_THREADS`]).
     pub max_threads: u64,
+    /// Size of the guest memory, which the VMM backs with a memfd of that size: RLIMIT_FSIZE must allow it.
+    pub guest_memory_bytes: u64,
 }
 
 /// One step of the child's setup, for the error report.
@@ -538,7 +541,7 @@ impl Jail {
             .iter()
             .filter(|f| f.writable)
             .filter_map(|f| std::fs::metadata(&f.host).ok().map(|m| m.len()))
-            .fold(CONSOLE_LOG_MAX, u64::max);
+            .fold(CONSOLE_LOG_MAX.max(req.guest_memory_bytes), u64::max);
         for (resource, value, name) in [
             (libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "RLIMIT_NOFILE"),
             (libc::RLIMIT_FSIZE, fsize, "RLIMIT_FSIZE"),

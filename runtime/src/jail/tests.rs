@@ -61,8 +61,12 @@ fn request<'a>(f: &'a Fixture, binary: &'a Path) -> JailRequest<'a> {
             PathBuf::from("/dev/nonexistent"),
         ],
         max_threads: 40,
+        // Larger than CONSOLE_LOG_MAX: the memfd of a 512 MiB guest must fit under RLIMIT_FSIZE.
+        guest_memory_bytes: GUEST_MEMORY,
     }
 }
+
+const GUEST_MEMORY: u64 = 512 << 20;
 
 #[test]
 fn prepare_lays_out_the_root_rewrites_paths_and_cleans_up() {
@@ -260,8 +264,10 @@ fn a_jailed_process_is_confined() {
     assert!(limit("Max open files").contains("4096 4096"), "{limits}");
     assert!(limit("Max processes").contains("40 40"), "{limits}");
     assert!(limit("Max core file size").contains("0 0"), "{limits}");
+    // The guest memory's memfd (512 MiB) is the largest file the VMM sizes here.
+    assert!(GUEST_MEMORY > CONSOLE_LOG_MAX);
     assert!(
-        limit("Max file size").contains(&format!("{CONSOLE_LOG_MAX} {CONSOLE_LOG_MAX}")),
+        limit("Max file size").contains(&format!("{GUEST_MEMORY} {GUEST_MEMORY}")),
         "{limits}"
     );
     // What it sees under its root: only what was asked for.
