@@ -19,6 +19,7 @@ pub mod jail;
 pub mod network;
 pub mod oci_image;
 pub mod run;
+pub mod sandboxes;
 pub mod shim;
 pub mod supervise;
 pub mod virtiofsd;

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 
 #[path = "capsa/run.rs"]
 mod capsa_run;
+#[path = "capsa/operator.rs"]
+mod operator;
 
 #[derive(Parser)]
 #[command(name = "capsa", version, about = "capsa: containers in KVM microVMs")]
@@ -61,6 +63,32 @@ enum Command {
         source: PathBuf,
         /// The command (after `--`); default: the image's Entrypoint + Cmd.
         command: Vec<String>,
+    },
+    /// List the sandboxes (pod VMs) on this node: id, pod, VMM pid, vCPUs, memory, uptime, state.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: operator::StateDirArg,
+    },
+    /// Show one sandbox: its VM, VMM and virtiofsd processes (memory, CPU, uid, seccomp, cgroup), paths.
+    Inspect {
+        sandbox: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: operator::StateDirArg,
+    },
+    /// Print a sandbox's guest console log (the last 1 MiB the VMM kept).
+    Console {
+        sandbox: String,
+        /// Keep printing what the guest writes until the sandbox goes away.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        state: operator::StateDirArg,
     },
     /// Register capsa with containerd (runtime `capsa`, io.containerd.capsa.v2) and print the
     /// Kubernetes RuntimeClass.
@@ -129,6 +157,17 @@ fn main() -> anyhow::Result<ExitCode> {
             print!("{}", capsa_runtime::shim::install::runtime_class_manifest());
             Ok(ExitCode::SUCCESS)
         }
+        Command::List { json, state } => operator::list(&state.resolve()?, json),
+        Command::Inspect {
+            sandbox,
+            json,
+            state,
+        } => operator::inspect(&state.resolve()?, &sandbox, json),
+        Command::Console {
+            sandbox,
+            follow,
+            state,
+        } => operator::console(&state.resolve()?, &sandbox, follow),
         Command::Check {
             json,
             vmm,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::bootstrap::{grouping, read_annotations, shim_address, socket_in_use};
 use super::vm_sandbox::ROOTFS_IMAGE;
 use crate::network::sandbox::netns_path_from_json;
+use crate::sandboxes::process_cmdlines;
 
 /// The sandbox directory a `capsa-vmm` command line (NUL-split) serves when it belongs to sandbox
 /// `group`: its `--vsock-uds` is `<dir>/vsock.sock` with `dir` named `group`.
@@ -32,35 +33,6 @@ pub fn find_sandbox_vmms(group: &str) -> Vec<(i32, PathBuf)> {
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             vmm_sandbox_dir(&args, group).map(|d| (pid, d))
         })
-        .collect()
-}
-
-/// Every process's pid and raw command line (NUL-separated), from /proc; processes that vanish while it is
-/// read are skipped.
-fn process_cmdlines() -> impl Iterator<Item = (i32, Vec<u8>)> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            Some((pid, cmdline))
-        })
-}
-
-/// Pids of `capsa-vmm` processes whose command line names `needle` (the sandbox's vsock socket).
-pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
-    process_cmdlines()
-        .filter(|(_, cmdline)| {
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let is_vmm = args
-                .first()
-                .map(|a| a.ends_with(b"capsa-vmm"))
-                .unwrap_or(false);
-            is_vmm && args.contains(&needle.as_bytes())
-        })
-        .map(|(pid, _)| pid)
         .collect()
 }
 
@@ -257,6 +229,6 @@ mod tests {
 
     #[test]
     fn vmm_lookup_finds_nothing_for_an_unknown_socket() {
-        assert!(find_vmm_pids("/nonexistent/capsa/vsock.sock").is_empty());
+        assert!(crate::sandboxes::find_vmm_pids("/nonexistent/capsa/vsock.sock").is_empty());
     }
 }

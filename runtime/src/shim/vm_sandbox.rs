@@ -295,6 +295,12 @@ impl SandboxFactory for VmFactory {
                 return Err(SandboxError::Internal(format!("boot sandbox VM: {e}")));
             }
         };
+        // For `capsa list`/`inspect`/`metrics`: which pod this VM is (display only).
+        if let Some(pod) = crate::sandboxes::PodIdentity::from_annotations(&annotations) {
+            if let Err(e) = pod.write(&vm.paths().dir) {
+                tracing::warn!(sandbox = sandbox_id, "{e}");
+            }
+        }
         if h.debug_console {
             // Ends by itself when the sandbox directory (and the console log in it) goes with the VM.
             super::debug_console::follow(sandbox_id.to_owned(), vm.paths().console_log.clone());
