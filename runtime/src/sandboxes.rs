@@ -289,7 +289,7 @@ fn virtiofsd_pid(socket: &Path) -> Option<i32> {
     process_cmdlines().find_map(|(pid, cmdline)| {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let is_virtiofsd = args.first()?.ends_with(b"virtiofsd");
-        let serves = args.iter().any(|a| *a == joined.as_slice())
+        let serves = args.contains(&joined.as_slice())
             || args
                 .windows(2)
                 .any(|w| w[0] == b"--socket-path" && w[1] == socket);
