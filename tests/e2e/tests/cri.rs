@@ -28,6 +28,27 @@ struct PodRun {
     /// `nproc` and MemTotal (KiB) seen by container two.
     cpus: u32,
     mem_total_kib: u64,
+    /// `capsa list --json` while the pod ran (capsa only).
+    listed: Option<serde_json::Value>,
+}
+
+/// `capsa list --json` over the test's state directory.
+fn capsa_list(c: &CriContainerd) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(capsa_e2e::cri::shim_dir().join("capsa"))
+        .arg("list")
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(&c.capsa_state)
+        .output()
+        .map_err(|e| format!("capsa list: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "capsa list: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("capsa list output: {e}"))
 }
 
 /// The pod's resources as the kubelet passes them (the sum of its containers' limits): 256 MiB and one
@@ -113,6 +134,11 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
         let (Some(cpus), Some(mem_total_kib)) = (cpus, mem_total_kib) else {
             return Err(format!("nproc / MemTotal: {size:?}"));
         };
+        let listed = if handler == "capsa" {
+            Some(capsa_list(c)?)
+        } else {
+            None
+        };
         let st = cri.status(&two).await.map_err(|e| e.to_string())?;
         if st.state != k8s_cri::v1::ContainerState::ContainerRunning as i32 {
             return Err(format!("container two is not running: {st:?}"));
@@ -149,6 +175,7 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
             kernel,
             cpus,
             mem_total_kib,
+            listed,
         })
     }
     .await;
@@ -210,6 +237,17 @@ fn cri_pod_under_capsa_and_runc() {
     // Sized from the pod's resources (see pod_resources): 2 vCPUs and a 384 MiB VM, of which the guest
     // kernel keeps some for itself; an unsized pod would show 1 and under 256 MiB.
     assert_eq!(capsa.cpus, 2, "{capsa:?}");
+    // The operator's view of the running pod.
+    let listed = capsa.listed.as_ref().and_then(|l| l.as_array().cloned());
+    let listed = listed.unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let entry = &listed[0];
+    assert_eq!(entry["pod"]["name"], "pod-capsa", "{entry}");
+    assert_eq!(entry["pod"]["namespace"], "default", "{entry}");
+    assert_eq!(entry["state"], "running", "{entry}");
+    assert_eq!(entry["vcpus"], 2, "{entry}");
+    assert_eq!(entry["memory_mib"], 384, "{entry}");
+    assert!(entry["vmm_pid"].as_i64().is_some_and(|p| p > 1), "{entry}");
     assert!(
         (300 * 1024..=384 * 1024).contains(&capsa.mem_total_kib),
         "{capsa:?}"
