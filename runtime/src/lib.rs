@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod check;
 pub mod hybrid_vsock;
 pub mod jail;
+pub mod metrics;
 pub mod network;
 pub mod oci_image;
 pub mod run;

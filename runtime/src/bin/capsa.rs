@@ -90,6 +90,14 @@ enum Command {
         #[command(flatten)]
         state: operator::StateDirArg,
     },
+    /// Print the node's sandbox metrics in the Prometheus text format, or serve them over HTTP.
+    Metrics {
+        /// Serve `GET /metrics` on this address (e.g. 127.0.0.1:9184) instead of printing once.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        state: operator::StateDirArg,
+    },
     /// Register capsa with containerd (runtime `capsa`, io.containerd.capsa.v2) and print the
     /// Kubernetes RuntimeClass.
     Install {
@@ -168,6 +176,7 @@ fn main() -> anyhow::Result<ExitCode> {
             follow,
             state,
         } => operator::console(&state.resolve()?, &sandbox, follow),
+        Command::Metrics { listen, state } => operator::metrics(&state.resolve()?, listen),
         Command::Check {
             json,
             vmm,

@@ -30,25 +30,26 @@ struct PodRun {
     mem_total_kib: u64,
     /// `capsa list --json` while the pod ran (capsa only).
     listed: Option<serde_json::Value>,
+    /// `capsa metrics` while the pod ran (capsa only).
+    metrics: String,
 }
 
-/// `capsa list --json` over the test's state directory.
-fn capsa_list(c: &CriContainerd) -> Result<serde_json::Value, String> {
+/// `capsa ARGS --state-dir <the test's>`'s stdout.
+fn capsa_operator(c: &CriContainerd, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = std::process::Command::new(capsa_e2e::cri::shim_dir().join("capsa"))
-        .arg("list")
-        .arg("--json")
+        .args(args)
         .arg("--state-dir")
         .arg(&c.capsa_state)
         .output()
-        .map_err(|e| format!("capsa list: {e}"))?;
+        .map_err(|e| format!("capsa {args:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "capsa list: {}: {}",
+            "capsa {args:?}: {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("capsa list output: {e}"))
+    Ok(out.stdout)
 }
 
 /// The pod's resources as the kubelet passes them (the sum of its containers' limits): 256 MiB and one
@@ -134,10 +135,13 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
         let (Some(cpus), Some(mem_total_kib)) = (cpus, mem_total_kib) else {
             return Err(format!("nproc / MemTotal: {size:?}"));
         };
-        let listed = if handler == "capsa" {
-            Some(capsa_list(c)?)
+        let (listed, metrics) = if handler == "capsa" {
+            let list = capsa_operator(c, &["list", "--json"])?;
+            let list = serde_json::from_slice(&list).map_err(|e| format!("capsa list: {e}"))?;
+            let metrics = capsa_operator(c, &["metrics"])?;
+            (Some(list), String::from_utf8_lossy(&metrics).into_owned())
         } else {
-            None
+            (None, String::new())
         };
         let st = cri.status(&two).await.map_err(|e| e.to_string())?;
         if st.state != k8s_cri::v1::ContainerState::ContainerRunning as i32 {
@@ -176,6 +180,7 @@ async fn run_pod(c: &CriContainerd, handler: &str) -> Result<PodRun, String> {
             cpus,
             mem_total_kib,
             listed,
+            metrics,
         })
     }
     .await;
@@ -248,6 +253,28 @@ fn cri_pod_under_capsa_and_runc() {
     assert_eq!(entry["vcpus"], 2, "{entry}");
     assert_eq!(entry["memory_mib"], 384, "{entry}");
     assert!(entry["vmm_pid"].as_i64().is_some_and(|p| p > 1), "{entry}");
+    // And its metrics: the VM's size, the agent answering, the guest's memory, the VMM's memory.
+    let m = &capsa.metrics;
+    let series = |name: &str| -> Option<f64> {
+        m.lines()
+            .find(|l| l.starts_with(name) && l.contains("pod=\"pod-capsa\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(series("capsa_vm_vcpus{"), Some(2.0), "{m}");
+    assert_eq!(
+        series("capsa_vm_memory_bytes{"),
+        Some(384.0 * 1048576.0),
+        "{m}"
+    );
+    assert_eq!(series("capsa_agent_up{"), Some(1.0), "{m}");
+    assert!(
+        series("capsa_guest_memory_total_bytes{").is_some_and(|b| b > 256.0 * 1048576.0),
+        "{m}"
+    );
+    assert!(
+        series("capsa_process_resident_memory_bytes{").is_some_and(|b| b > 1048576.0),
+        "{m}"
+    );
     assert!(
         (300 * 1024..=384 * 1024).contains(&capsa.mem_total_kib),
         "{capsa:?}"

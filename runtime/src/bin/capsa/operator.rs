@@ -1,4 +1,5 @@
-//! `capsa list`, `capsa inspect` and `capsa console`: what runs on this node, for its operator.
+//! `capsa list`, `capsa inspect`, `capsa console` and `capsa metrics`: what runs on this node, for its
+//! operator.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -109,6 +110,19 @@ pub fn inspect(state_dir: &Path, id: &str, json: bool) -> anyhow::Result<ExitCod
         t += &format!("vmm command:  {}\n", d.vmm_command.join(" "));
     }
     print(&t)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One scrape printed, or (`listen`) an HTTP endpoint serving them until killed.
+pub fn metrics(state_dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match listen {
+        Some(addr) => {
+            rt.block_on(capsa_runtime::metrics::serve(addr, state_dir.to_path_buf()))
+                .with_context(|| format!("serving metrics on {addr}"))?;
+        }
+        None => print(&rt.block_on(capsa_runtime::metrics::gather(state_dir))?)?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 
