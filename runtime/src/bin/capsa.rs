@@ -90,6 +90,22 @@ enum Command {
         #[command(flatten)]
         state: operator::StateDirArg,
     },
+    /// Undo `capsa install`: remove the runtime from containerd's config and the shim's link (running
+    /// pods keep running until they end).
+    Uninstall {
+        /// containerd's configuration file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+        /// capsa's configuration file (kept unless --purge).
+        #[arg(long, default_value = capsa_runtime::shim::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Where `capsa install` linked containerd-shim-capsa-v2.
+        #[arg(long, default_value = "/usr/local/bin")]
+        bin_dir: PathBuf,
+        /// Also remove capsa's configuration file.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Print the node's sandbox metrics in the Prometheus text format, or serve them over HTTP.
     Metrics {
         /// Serve `GET /metrics` on this address (e.g. 127.0.0.1:9184) instead of printing once.
@@ -176,6 +192,25 @@ fn main() -> anyhow::Result<ExitCode> {
             follow,
             state,
         } => operator::console(&state.resolve()?, &sandbox, follow),
+        Command::Uninstall {
+            containerd_config,
+            config,
+            bin_dir,
+            purge,
+        } => {
+            let report = capsa_runtime::shim::install::uninstall(
+                &capsa_runtime::shim::install::UninstallPaths {
+                    containerd_config,
+                    capsa_config: config,
+                    shim_link_dir: bin_dir,
+                    purge,
+                },
+            )?;
+            for line in report.lines {
+                eprintln!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Metrics { listen, state } => operator::metrics(&state.resolve()?, listen),
         Command::Check {
             json,

@@ -17,24 +17,145 @@ pub enum InstallError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is a containerd config of version 1; capsa needs version = 2")]
-    OldConfig(PathBuf),
+    #[error("{path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml_edit::TomlError>,
+    },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
 }
 
-/// containerd's (version 2) runtime entry for capsa.
-pub fn runtime_entry(capsa_config: &Path) -> String {
-    format!(
-        r#"
-# capsa: pods of RuntimeClass "{HANDLER}" run in capsa microVMs (written by `capsa install`)
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
-  runtime_type = "{RUNTIME_TYPE}"
-  pod_annotations = ["capsa.io/*"]
-  privileged_without_host_devices = true
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}.options]
-  ConfigPath = "{}"
-"#,
-        capsa_config.display()
-    )
+/// The table path of the CRI runtimes for a containerd config of `version`: containerd 1.6/1.7 (version 2)
+/// and containerd 2.x (version 3).
+fn runtimes_path(version: i64) -> Option<[&'static str; 4]> {
+    match version {
+        2 => Some([
+            "plugins",
+            "io.containerd.grpc.v1.cri",
+            "containerd",
+            "runtimes",
+        ]),
+        3 => Some([
+            "plugins",
+            "io.containerd.cri.v1.runtime",
+            "containerd",
+            "runtimes",
+        ]),
+        _ => None,
+    }
+}
+
+/// The config's `version` (containerd reads a missing one as 1); an empty document is a fresh version 2.
+fn config_version(doc: &toml_edit::DocumentMut, path: &Path) -> Result<i64, InstallError> {
+    if doc.is_empty() {
+        return Ok(2);
+    }
+    let version = match doc.get("version") {
+        None => 1,
+        Some(v) => v.as_integer().ok_or_else(|| InstallError::Unsupported {
+            path: path.to_owned(),
+            reason: format!("version = {} is not a number", v.to_string().trim()),
+        })?,
+    };
+    if runtimes_path(version).is_none() {
+        return Err(InstallError::Unsupported {
+            path: path.to_owned(),
+            reason: format!(
+                "a containerd config of version {version}{}; capsa knows version 2 (containerd 1.6, 1.7) \
+                 and version 3 (containerd 2.x)",
+                if doc.get("version").is_none() { " (no version key)" } else { "" }
+            ),
+        });
+    }
+    Ok(version)
+}
+
+fn parse(existing: &str, path: &Path) -> Result<toml_edit::DocumentMut, InstallError> {
+    existing
+        .parse::<toml_edit::DocumentMut>()
+        .map_err(|e| InstallError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+}
+
+/// The implicit (header-less) parent tables down to `keys`, created as needed.
+fn table_at<'a>(
+    doc: &'a mut toml_edit::DocumentMut,
+    keys: &[&str],
+    path: &Path,
+) -> Result<&'a mut toml_edit::Table, InstallError> {
+    let mut t = doc.as_table_mut();
+    for k in keys {
+        let entry = t.entry(k).or_insert_with(|| {
+            let mut n = toml_edit::Table::new();
+            n.set_implicit(true);
+            toml_edit::Item::Table(n)
+        });
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| InstallError::Unsupported {
+                path: path.to_owned(),
+                reason: format!("{k} is not a table"),
+            })?;
+    }
+    Ok(t)
+}
+
+/// Adds capsa's runtime entry to a containerd config document (version 2 or 3), keeping everything
+/// else as it was (comments and formatting too); `None` when the entry is already there.
+pub fn add_runtime_entry(
+    existing: &str,
+    path: &Path,
+    capsa_config: &Path,
+) -> Result<Option<String>, InstallError> {
+    let mut doc = parse(existing, path)?;
+    let fresh = doc.is_empty();
+    let version = config_version(&doc, path)?;
+    if fresh {
+        doc.insert("version", toml_edit::value(2));
+    }
+    let keys = runtimes_path(version).unwrap_or_default();
+    let runtimes = table_at(&mut doc, &keys, path)?;
+    if runtimes.contains_key(HANDLER) {
+        return Ok(None);
+    }
+    let mut rt = toml_edit::Table::new();
+    rt.decor_mut().set_prefix(format!(
+        "\n# capsa: pods of RuntimeClass \"{HANDLER}\" run in capsa microVMs (written by `capsa install`)\n"
+    ));
+    rt.insert("runtime_type", toml_edit::value(RUNTIME_TYPE));
+    let mut annotations = toml_edit::Array::new();
+    annotations.push("capsa.io/*");
+    rt.insert("pod_annotations", toml_edit::value(annotations));
+    rt.insert("privileged_without_host_devices", toml_edit::value(true));
+    let mut options = toml_edit::Table::new();
+    options.insert(
+        "ConfigPath",
+        toml_edit::value(capsa_config.to_string_lossy().into_owned()),
+    );
+    rt.insert("options", toml_edit::Item::Table(options));
+    runtimes.insert(HANDLER, toml_edit::Item::Table(rt));
+    Ok(Some(doc.to_string()))
+}
+
+/// Removes capsa's runtime entry from a containerd config document; `None` when it is not there.
+pub fn remove_runtime_entry(existing: &str, path: &Path) -> Result<Option<String>, InstallError> {
+    let mut doc = parse(existing, path)?;
+    if doc.is_empty() {
+        return Ok(None);
+    }
+    let version = config_version(&doc, path)?;
+    let keys = runtimes_path(version).unwrap_or_default();
+    let mut t = doc.as_table_mut();
+    for k in keys {
+        match t.get_mut(k).and_then(|i| i.as_table_mut()) {
+            Some(n) => t = n,
+            None => return Ok(None),
+        }
+    }
+    Ok(t.remove(HANDLER).map(|_| doc.to_string()))
 }
 
 /// What a capsa pod costs the node beyond its containers' own requests (the RuntimeClass's
@@ -54,34 +175,6 @@ pub fn runtime_class_manifest() -> String {
         "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: {HANDLER}\nhandler: {HANDLER}\n\
          overhead:\n  podFixed:\n    memory: \"{OVERHEAD_MEMORY}\"\n    cpu: \"{OVERHEAD_CPU}\"\n"
     )
-}
-
-/// Adds capsa's runtime entry to a containerd config document; `None` when it is already there.
-pub fn add_runtime_entry(
-    existing: &str,
-    path: &Path,
-    capsa_config: &Path,
-) -> Result<Option<String>, InstallError> {
-    let header = format!("containerd.runtimes.{HANDLER}]");
-    if existing.contains(&header) {
-        return Ok(None);
-    }
-    let has_version_2 = existing
-        .lines()
-        .any(|l| l.trim().replace(' ', "") == "version=2");
-    if !existing.trim().is_empty() && !has_version_2 {
-        return Err(InstallError::OldConfig(path.to_owned()));
-    }
-    let mut doc = if existing.trim().is_empty() {
-        "version = 2\n".to_owned()
-    } else {
-        existing.to_owned()
-    };
-    if !doc.ends_with('\n') {
-        doc.push('\n');
-    }
-    doc.push_str(&runtime_entry(capsa_config));
-    Ok(Some(doc))
 }
 
 /// A default configuration naming the installed artifacts.
@@ -161,9 +254,165 @@ pub fn install(p: &InstallPaths) -> Result<InstallReport, InstallError> {
     Ok(r)
 }
 
+/// What [`uninstall`] removes.
+pub struct UninstallPaths {
+    pub containerd_config: PathBuf,
+    pub capsa_config: PathBuf,
+    pub shim_link_dir: PathBuf,
+    /// Also remove capsa's own configuration file.
+    pub purge: bool,
+}
+
+/// Undoes [`install`]: the runtime entry in containerd's config (everything else in it kept), the shim's
+/// link (only if it is a symlink: a binary someone installed there is left alone), and with `purge`
+/// capsa's configuration. Running sandboxes are not touched (their shims keep running until their pods
+/// end; `capsa list` shows them).
+pub fn uninstall(p: &UninstallPaths) -> Result<InstallReport, InstallError> {
+    let mut r = InstallReport::default();
+    match std::fs::read_to_string(&p.containerd_config) {
+        Ok(existing) => match remove_runtime_entry(&existing, &p.containerd_config)? {
+            Some(doc) => {
+                std::fs::write(&p.containerd_config, doc)
+                    .map_err(io("write", &p.containerd_config))?;
+                r.lines.push(format!(
+                    "removed runtime \"{HANDLER}\" from {}; restart containerd",
+                    p.containerd_config.display()
+                ));
+            }
+            None => r.lines.push(format!(
+                "{} has no \"{HANDLER}\" runtime",
+                p.containerd_config.display()
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r
+            .lines
+            .push(format!("no {}", p.containerd_config.display())),
+        Err(e) => return Err(io("read", &p.containerd_config)(e)),
+    }
+    let link = p.shim_link_dir.join(SHIM_BINARY);
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::remove_file(&link).map_err(io("remove", &link))?;
+            r.lines.push(format!("removed {}", link.display()));
+        }
+        Ok(_) => r.lines.push(format!(
+            "left {} (not a link capsa install made)",
+            link.display()
+        )),
+        Err(_) => {}
+    }
+    if p.purge {
+        match std::fs::remove_file(&p.capsa_config) {
+            Ok(()) => r
+                .lines
+                .push(format!("removed {}", p.capsa_config.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", &p.capsa_config)(e)),
+        }
+    } else if p.capsa_config.exists() {
+        r.lines.push(format!(
+            "kept {} (--purge removes it)",
+            p.capsa_config.display()
+        ));
+    }
+    r.lines.push(format!(
+        "the RuntimeClass stays in the cluster: kubectl delete runtimeclass {HANDLER}"
+    ));
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containerd_2_configs_of_version_3_get_the_entry_under_their_own_plugin() {
+        let cfg = Path::new("/etc/capsa/configuration.toml");
+        let base = "version = 3\n\n# keep me\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n";
+        let doc = add_runtime_entry(base, Path::new("c.toml"), cfg)
+            .unwrap()
+            .unwrap();
+        assert!(
+            doc.starts_with(base),
+            "existing text kept as it was:\n{doc}"
+        );
+        let v: toml::Value = toml::from_str(&doc).unwrap();
+        let rt = &v["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["capsa"];
+        assert_eq!(rt["runtime_type"].as_str(), Some(RUNTIME_TYPE));
+        assert!(add_runtime_entry(&doc, Path::new("c.toml"), cfg)
+            .unwrap()
+            .is_none());
+        let removed = remove_runtime_entry(&doc, Path::new("c.toml"))
+            .unwrap()
+            .unwrap();
+        let v: toml::Value = toml::from_str(&removed).unwrap();
+        let capsa = v
+            .get("plugins")
+            .and_then(|p| p.get("io.containerd.cri.v1.runtime"))
+            .and_then(|p| p.get("containerd"))
+            .and_then(|p| p.get("runtimes"))
+            .and_then(|p| p.get("capsa"));
+        assert!(capsa.is_none(), "{removed}");
+        assert!(removed.contains("# keep me"), "{removed}");
+        assert!(remove_runtime_entry(&removed, Path::new("c.toml"))
+            .unwrap()
+            .is_none());
+        // Version 1 (or none), unknown versions and broken TOML are refused, naming what is wrong.
+        for (text, want) in [
+            ("[plugins.cri]\n", "version 1 (no version key)"),
+            ("version = 1\n", "version 1;"),
+            ("version = 4\n", "version 4"),
+            ("version = \"2\"\n", "is not a number"),
+        ] {
+            let e = add_runtime_entry(text, Path::new("c.toml"), cfg)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        assert!(matches!(
+            add_runtime_entry("version = = 2", Path::new("c.toml"), cfg),
+            Err(InstallError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn uninstall_undoes_install_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let containerd_config = dir.path().join("containerd/config.toml");
+        std::fs::create_dir_all(containerd_config.parent().unwrap()).unwrap();
+        std::fs::write(&containerd_config, "version = 2\n# mine\n").unwrap();
+        let shim = dir.path().join("containerd-shim-capsa-v2.real");
+        std::fs::write(&shim, "").unwrap();
+        let p = InstallPaths {
+            containerd_config: containerd_config.clone(),
+            capsa_config: dir.path().join("capsa/configuration.toml"),
+            shim,
+            shim_link_dir: dir.path().to_path_buf(),
+            vmm: "/v".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        install(&p).unwrap();
+        let u = UninstallPaths {
+            containerd_config: containerd_config.clone(),
+            capsa_config: p.capsa_config.clone(),
+            shim_link_dir: dir.path().to_path_buf(),
+            purge: false,
+        };
+        let r = uninstall(&u).unwrap();
+        assert!(r.lines[0].starts_with("removed runtime"), "{:?}", r.lines);
+        let left = std::fs::read_to_string(&containerd_config).unwrap();
+        assert!(
+            !left.contains(RUNTIME_TYPE) && left.contains("# mine"),
+            "{left}"
+        );
+        assert!(!dir.path().join(SHIM_BINARY).exists());
+        assert!(p.capsa_config.exists(), "kept without --purge");
+        // Again: nothing to remove; --purge takes the configuration.
+        let r = uninstall(&UninstallPaths { purge: true, ..u }).unwrap();
+        assert!(r.lines[0].contains("has no"), "{:?}", r.lines);
+        assert!(!p.capsa_config.exists());
+    }
 
     #[test]
     fn entry_is_added_once_to_a_version_2_config_and_parses() {
@@ -195,7 +444,7 @@ mod tests {
         // Version 1 configs use other table names: refuse rather than write a dead entry.
         assert!(matches!(
             add_runtime_entry("[plugins.cri]\n", Path::new("c.toml"), cfg),
-            Err(InstallError::OldConfig(_))
+            Err(InstallError::Unsupported { .. })
         ));
     }
 
