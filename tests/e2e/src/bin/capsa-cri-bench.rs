@@ -27,6 +27,7 @@ use capsa_e2e::cni::{
 use capsa_e2e::cri::{
     container_config, log_lines, pids_mentioning, pod_config, Cri, CriContainerd,
 };
+use capsa_e2e::figures::{Figure, Health, EXIT_HOST_UNHEALTHY};
 use capsa_e2e::netbench::{self, mib_per_s, percentile};
 use capsa_e2e::{median, Inputs};
 use tracing::{info, warn};
@@ -143,18 +144,27 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The start section: `runs` pods per handler, then the table and the capsa pod's memory.
-fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
-    let mut results = Vec::new();
+/// The start section: `runs` rounds of one capsa and one runc pod (which goes first alternates), then the
+/// table and the capsa pod's memory. Returns the section's figures.
+fn start_section(
+    rt: &tokio::runtime::Runtime,
+    c: &CriContainerd,
+    runs: usize,
+    health: &mut Health,
+) -> Vec<Figure> {
+    let mut results = vec![("capsa", Sample::default()), ("runc", Sample::default())];
     let mut memory = None;
-    for handler in ["capsa", "runc"] {
-        let mut s = Sample::default();
-        for i in 0..runs {
+    for i in 0..runs {
+        for k in 0..results.len() {
+            let idx = (i + k) % results.len();
+            let (handler, s) = &mut results[idx];
+            let handler = *handler;
             let t = Instant::now();
+            let errors_before = s.errors.len();
             let r = rt.block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(240),
-                    one_run(c, handler, i, &mut s, &mut memory),
+                    one_run(c, handler, i, s, &mut memory),
                 )
                 .await
             });
@@ -166,24 +176,46 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
             if r.is_err() {
                 s.errors.push("run timed out after 240 s".into());
             }
+            let ok = s.errors.len() == errors_before;
+            if !ok {
+                println!(
+                    "  {handler} run {i}: FAILED: {}",
+                    s.errors[errors_before..].join("; ")
+                );
+            }
+            if health.record(ok) {
+                return Vec::new();
+            }
         }
-        results.push((handler, s));
     }
-    println!("== pod start through CRI ({runs} runs each, medians; containerd 1.6, native snapshotter, host network)");
+    println!("== pod start through CRI ({runs} runs each, capsa and runc alternating, medians; containerd 1.6, native snapshotter, host network)");
     let mut med = std::collections::HashMap::new();
+    let mut figures = Vec::new();
     for (handler, s) in &mut results {
         let ready = (!s.ready.is_empty()).then(|| median(&mut s.ready));
         let first = (!s.first_log.is_empty()).then(|| median(&mut s.first_log));
-        med.insert(*handler, (ready, first));
+        med.insert(*handler, (ready, first, s.ready.len(), s.first_log.len()));
         let show = |d: Option<Duration>, n: usize| match d {
-            Some(d) => format!("{:8.1} ms (n={n})", ms(d)),
-            None => "     n/a".to_owned(),
+            Some(d) => format!("{:8.1} ms ({n} of {runs} ok)", ms(d)),
+            None => format!("     n/a    (0 of {runs} ok)"),
         };
         println!(
             "{handler:6} RunPodSandbox→ready {}   RunPodSandbox→first log line {}",
             show(ready, s.ready.len()),
             show(first, s.first_log.len())
         );
+        figures.push(Figure::new(
+            &format!("pod_ready_{handler}_ms"),
+            ready.map(ms),
+            s.ready.len(),
+            runs,
+        ));
+        figures.push(Figure::new(
+            &format!("first_log_{handler}_ms"),
+            first.map(ms),
+            s.first_log.len(),
+            runs,
+        ));
         let mut errs = s.errors.clone();
         errs.dedup();
         for e in errs.iter().take(3) {
@@ -191,19 +223,31 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
         }
     }
     let ratio = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-        (Some(a), Some(b)) if b > Duration::ZERO => {
-            format!("{:.1}x", a.as_secs_f64() / b.as_secs_f64())
-        }
-        _ => "n/a".into(),
+        (Some(a), Some(b)) if b > Duration::ZERO => Some(a.as_secs_f64() / b.as_secs_f64()),
+        _ => None,
     };
-    let (cr, cf) = med.get("capsa").copied().unwrap_or((None, None));
-    let (rr, rf) = med.get("runc").copied().unwrap_or((None, None));
+    let show = |r: Option<f64>| r.map_or("n/a".into(), |r| format!("{r:.1}x"));
+    let (cr, cf, crn, cfn) = med.get("capsa").copied().unwrap_or((None, None, 0, 0));
+    let (rr, rf, rrn, rfn) = med.get("runc").copied().unwrap_or((None, None, 0, 0));
     println!(
         "ratio capsa/runc: pod ready {}, first log line {}",
-        ratio(cr, rr),
-        ratio(cf, rf)
+        show(ratio(cr, rr)),
+        show(ratio(cf, rf))
     );
+    figures.push(Figure::new(
+        "pod_ready_ratio",
+        ratio(cr, rr),
+        crn.min(rrn),
+        runs,
+    ));
+    figures.push(Figure::new(
+        "first_log_ratio",
+        ratio(cf, rf),
+        cfn.min(rfn),
+        runs,
+    ));
     println!("== host memory of one capsa pod (while running)");
+    let mut pss_total = None;
     match memory {
         Some(procs) if !procs.is_empty() => {
             let (mut rss, mut pss) = (0, 0);
@@ -221,9 +265,17 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
                 rss as f64 / 1024.0,
                 pss as f64 / 1024.0
             );
+            pss_total = Some(pss as f64 / 1024.0);
         }
         _ => println!("  n/a (no capsa pod ran)"),
     }
+    figures.push(Figure::new(
+        "pod_pss_capsa_mib",
+        pss_total,
+        usize::from(pss_total.is_some()),
+        1,
+    ));
+    figures
 }
 
 /// The network section's bridge (its own, apart from the cri_network suite's).
@@ -257,6 +309,8 @@ struct NetSample {
     to_pod: Vec<f64>,
     from_pod: Vec<f64>,
     rtt: Vec<Duration>,
+    /// Runs whose round trips all came back.
+    rtt_runs: usize,
     errors: Vec<String>,
 }
 
@@ -369,7 +423,10 @@ async fn net_run(cri: &Cri, pod: &NetPod, bytes: u64, s: &mut NetSample) {
         Err(e) => s.errors.push(format!("pod→host: {e:#}")),
     }
     match rtt(pod).await {
-        Ok(v) => s.rtt.extend(v),
+        Ok(v) => {
+            s.rtt.extend(v);
+            s.rtt_runs += 1;
+        }
         Err(e) => s.errors.push(format!("round trips: {e:#}")),
     }
     info!(
@@ -393,8 +450,8 @@ fn median_f64(v: &[f64]) -> Option<f64> {
     }
 }
 
-/// The network section: both pods, `runs` alternating runs, the table.
-async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
+/// The network section: both pods, `runs` alternating runs, the table. Returns the section's figures.
+async fn net_section(c: &CriContainerd, mib: u64, runs: usize) -> Vec<Figure> {
     let cri = c.client().await;
     let mut ids = Vec::new();
     let mut samples: Vec<(&'static str, NetSample)> = vec![
@@ -461,12 +518,31 @@ async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
         "", "capsa", "runc", "capsa/runc"
     );
     let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
-    for (what, c, r) in rows {
+    let mut figures = Vec::new();
+    let oks = [
+        cs.to_pod.len().min(rs.to_pod.len()),
+        cs.from_pod.len().min(rs.from_pod.len()),
+        cs.rtt_runs.min(rs.rtt_runs),
+        cs.rtt_runs.min(rs.rtt_runs),
+    ];
+    let names = [
+        "net_host_to_pod_ratio",
+        "net_pod_to_host_ratio",
+        "net_rtt_median_ratio",
+        "net_rtt_p90_ratio",
+    ];
+    for (((what, c, r), ok), name) in rows.into_iter().zip(oks).zip(names) {
         let ratio = match (c, r) {
-            (Some(c), Some(r)) if r > 0.0 => format!("{:.2}", c / r),
-            _ => "n/a".into(),
+            (Some(c), Some(r)) if r > 0.0 => Some(c / r),
+            _ => None,
         };
-        println!("  {what:24} {:>10} {:>10} {ratio:>11}", show(c), show(r));
+        println!(
+            "  {what:24} {:>10} {:>10} {:>11}  ({ok} of {runs} runs ok)",
+            show(c),
+            show(r),
+            ratio.map_or("n/a".into(), |r| format!("{r:.2}"))
+        );
+        figures.push(Figure::new(name, ratio, ok, runs));
     }
     for (h, s) in [("capsa", cs), ("runc", rs)] {
         println!(
@@ -486,6 +562,7 @@ async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
             println!("  {h} error: {e}");
         }
     }
+    figures
 }
 
 fn main() -> anyhow::Result<()> {
@@ -539,15 +616,38 @@ fn main() -> anyhow::Result<()> {
     let conflist = net.then(|| NET.conflist());
     let c = CriContainerd::start_with_cni(&inputs, conflist.as_deref());
     let rt = tokio::runtime::Runtime::new()?;
+    let mut health = Health::default();
+    let mut figures = Vec::new();
     if sections.iter().any(|s| s == "start") {
-        start_section(&rt, &c, runs);
+        figures.extend(start_section(&rt, &c, runs, &mut health));
     }
-    if net {
-        rt.block_on(net_section(&c, net_mib, net_runs));
+    if net && !health.broken() {
+        figures.extend(rt.block_on(net_section(&c, net_mib, net_runs)));
     }
     drop(c);
     if net {
         NET.remove_bridge();
+    }
+    if health.broken() {
+        health.report("capsa-cri-bench");
+        std::process::exit(EXIT_HOST_UNHEALTHY);
+    }
+    println!();
+    for f in &figures {
+        f.print("");
+    }
+    let thin: Vec<String> = figures
+        .iter()
+        .filter_map(|f| f.problem().map(|p| format!("{}: {p}", f.name)))
+        .collect();
+    if !thin.is_empty() {
+        println!(
+            "capsa-cri-bench: {} figure(s) cannot be trusted ({}); exiting with status {EXIT_HOST_UNHEALTHY} so \
+             the benchmark runs again in a fresh test host",
+            thin.len(),
+            thin.join("; ")
+        );
+        std::process::exit(EXIT_HOST_UNHEALTHY);
     }
     Ok(())
 }
