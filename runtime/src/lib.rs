@@ -21,5 +21,6 @@ pub mod oci_image;
 pub mod run;
 pub mod shim;
 pub mod supervise;
+pub mod timeline;
 pub mod virtiofsd;
 pub mod vm;

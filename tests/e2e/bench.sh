@@ -52,6 +52,8 @@ echo "=== bench: checking the figures"
   start_to_ready_js_ms start_to_ready_jns_ms start_to_ready_njs_ms start_to_ready_njns_ms \
   container_start_to_first_stdout_byte_ms exec_latency_ms stdout_throughput_mib_s \
   pod_ready_capsa_ms pod_ready_runc_ms pod_ready_ratio first_log_capsa_ms first_log_runc_ms first_log_ratio \
+  timeline_capsa_vmm_spawned_ms timeline_capsa_agent_ready_ms timeline_capsa_sandbox_created_ms \
+  timeline_capsa_container_started_ms timeline_capsa_cri_first_log_ms timeline_runc_cri_first_log_ms \
   pod_pss_capsa_mib net_host_to_pod_ratio net_pod_to_host_ratio net_rtt_median_ratio net_rtt_p90_ratio
 check=$?
 for f in "${failed[@]+"${failed[@]}"}"; do

@@ -18,7 +18,8 @@
 //! Usage: capsa-cri-bench [--runs N] [--sections start,net] [--net-mib N] [--net-runs N].
 //! Inputs: CAPSA_VMM, CAPSA_KERNEL, CAPSA_INITRD; needs containerd (and the CNI plugins for `net`).
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use capsa_e2e::cni::{
@@ -30,6 +31,8 @@ use capsa_e2e::cri::{
 use capsa_e2e::figures::{Figure, Health, EXIT_HOST_UNHEALTHY};
 use capsa_e2e::netbench::{self, mib_per_s, percentile};
 use capsa_e2e::{median, Inputs};
+use capsa_runtime::timeline;
+use k8s_cri::v1 as cri_api;
 use tracing::{info, warn};
 
 #[derive(Default)]
@@ -37,6 +40,47 @@ struct Sample {
     ready: Vec<Duration>,
     first_log: Vec<Duration>,
     errors: Vec<String>,
+    /// Per run: step → ms after the RunPodSandbox call (CRI-side steps for both handlers, the shim's
+    /// timeline steps for capsa).
+    timeline: Vec<HashMap<String, f64>>,
+}
+
+/// The pod-start timeline's rows: (step, label). CRI-side steps are `cri_*`; the others are the capsa
+/// shim's `capsa_timeline` events (capsa_runtime::timeline), container steps those of the app container.
+const TIMELINE: [(&str, &str); 16] = [
+    ("shim_start", "shim start (containerd runs `shim start`)"),
+    ("shim_serving", "shim serving (ttrpc listening)"),
+    ("boot_begin", "sandbox Create reaches the shim"),
+    ("jail_ready", "VMM jail prepared"),
+    ("virtiofsd_ready", "virtiofsd ready (socket exists)"),
+    ("vmm_spawned", "VMM spawned"),
+    ("kernel_entry", "guest kernel entry (BOOT_TIMER)"),
+    ("agent_started", "agent started (BOOT_TIMER)"),
+    ("agent_ready", "agent ready (notified, answered)"),
+    ("sandbox_created", "CreateSandbox done (+ guest network)"),
+    ("cri_pod_ready", "RunPodSandbox returned"),
+    ("container_created", "container created (shim)"),
+    ("cri_created", "CreateContainer returned"),
+    ("container_started", "container started (shim)"),
+    ("cri_started", "StartContainer returned"),
+    ("cri_first_log", "first log line (CRI log file)"),
+];
+
+/// The shim's timeline events for sandbox `pod` (and its container `cid`) in containerd's log, as ms
+/// after `t0`.
+fn shim_timeline(c: &CriContainerd, pod: &str, cid: &str, t0: SystemTime) -> HashMap<String, f64> {
+    let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+    let t0 = timeline::unix_us(t0) as f64;
+    let mut steps = HashMap::new();
+    for e in log.lines().filter_map(timeline::parse) {
+        if e.sandbox != pod || e.container.as_deref().is_some_and(|c| c != cid) {
+            continue;
+        }
+        steps
+            .entry(e.step)
+            .or_insert((e.unix_us as f64 - t0) / 1000.0);
+    }
+    steps
 }
 
 /// (VmRSS kB, Pss kB) of a process.
@@ -93,7 +137,9 @@ async fn one_run(
     let name = format!("bench-{handler}-{i}");
     let log_dir = c.log_dir(&name);
     let cfg = pod_config(&name, &log_dir);
+    let t0_wall = SystemTime::now();
     let t0 = Instant::now();
+    let mut steps = HashMap::new();
     let pod = match cri.run_pod(&cfg, handler).await {
         Ok(p) => p,
         Err(e) => {
@@ -104,20 +150,44 @@ async fn one_run(
         }
     };
     sample.ready.push(t0.elapsed());
-    let started = cri
-        .run_container(
-            &pod,
-            &cfg,
-            container_config("c", &["sh", "-c", "echo first; sleep 600"]),
-        )
-        .await;
+    steps.insert("cri_pod_ready".to_owned(), ms(t0.elapsed()));
+    // CreateContainer and StartContainer one by one, for the timeline.
+    let started = async {
+        let id = cri
+            .rt
+            .clone()
+            .create_container(cri_api::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "c",
+                    &["sh", "-c", "echo first; sleep 600"],
+                )),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        steps.insert("cri_created".to_owned(), ms(t0.elapsed()));
+        cri.rt
+            .clone()
+            .start_container(cri_api::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        steps.insert("cri_started".to_owned(), ms(t0.elapsed()));
+        Ok::<_, tonic::Status>(id)
+    }
+    .await;
+    let mut cid = String::new();
     match started {
-        Ok(_) => {
+        Ok(id) => {
+            cid = id;
             let log = log_dir.join("c.log");
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
                 if !log_lines(&log, "stdout").is_empty() {
                     sample.first_log.push(t0.elapsed());
+                    steps.insert("cri_first_log".to_owned(), ms(t0.elapsed()));
                     break;
                 }
                 if Instant::now() > deadline {
@@ -132,6 +202,10 @@ async fn one_run(
             e.message().chars().take(200).collect::<String>()
         )),
     }
+    if handler == "capsa" {
+        steps.extend(shim_timeline(c, &pod, &cid, t0_wall));
+    }
+    sample.timeline.push(steps);
     if handler == "capsa" && memory.is_none() {
         *memory = Some(capsa_pod_memory(c, &pod));
     }
@@ -234,6 +308,7 @@ fn start_section(
         show(ratio(cr, rr)),
         show(ratio(cf, rf))
     );
+    print_timeline(&results, runs, &mut figures);
     figures.push(Figure::new(
         "pod_ready_ratio",
         ratio(cr, rr),
@@ -276,6 +351,66 @@ fn start_section(
         1,
     ));
     figures
+}
+
+/// The pod-start timeline: per step, the median ms after the RunPodSandbox call for capsa (and the step
+/// since the previous one) and runc, with n of N runs; a `BENCH timeline_<handler>_<step>_ms` figure each.
+fn print_timeline(results: &[(&str, Sample)], runs: usize, figures: &mut Vec<Figure>) {
+    println!("== pod-start timeline (median ms after the RunPodSandbox call; capsa's steps from its shim's log)");
+    println!(
+        "  {:42} {:>10} {:>9} {:>7} {:>10} {:>7}",
+        "step", "capsa", "+step", "n", "runc", "n"
+    );
+    let med = |s: &Sample, step: &str| {
+        let v: Vec<f64> = s
+            .timeline
+            .iter()
+            .filter_map(|t| t.get(step).copied())
+            .collect();
+        (median_f64(&v), v.len())
+    };
+    let get = |h: &str| results.iter().find(|(n, _)| *n == h).map(|(_, s)| s);
+    let mut prev: Option<f64> = None;
+    for (step, label) in TIMELINE {
+        let (c, cn) = get("capsa").map(|s| med(s, step)).unwrap_or((None, 0));
+        let (r, rn) = get("runc").map(|s| med(s, step)).unwrap_or((None, 0));
+        let delta = match (c, prev) {
+            (Some(c), Some(p)) => format!("{:+.1}", c - p),
+            _ => String::new(),
+        };
+        if c.is_some() {
+            prev = c;
+        }
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let count = |n: usize, v: Option<f64>| {
+            if v.is_some() {
+                format!("{n}/{runs}")
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "  {label:42} {:>10} {delta:>9} {:>7} {:>10} {:>7}",
+            show(c),
+            count(cn, c),
+            show(r),
+            count(rn, r)
+        );
+        figures.push(Figure::new(
+            &format!("timeline_capsa_{step}_ms"),
+            c,
+            cn,
+            runs,
+        ));
+        if step.starts_with("cri_") {
+            figures.push(Figure::new(
+                &format!("timeline_runc_{step}_ms"),
+                r,
+                rn,
+                runs,
+            ));
+        }
+    }
 }
 
 /// The network section's bridge (its own, apart from the cri_network suite's).
@@ -636,8 +771,11 @@ fn main() -> anyhow::Result<()> {
     for f in &figures {
         f.print("");
     }
+    // The timeline's steps are shown, not required here (a step may not apply, e.g. virtiofsd in block
+    // mode); make bench requires the main ones (tests/e2e/bench.sh).
     let thin: Vec<String> = figures
         .iter()
+        .filter(|f| !f.name.starts_with("timeline_"))
         .filter_map(|f| f.problem().map(|p| format!("{}: {p}", f.name)))
         .collect();
     if !thin.is_empty() {
