@@ -492,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
         "boot to agent ready (median)",
         capsa.ready_median().map(ms).unwrap_or("-".into()),
         qemu.ready_median().map(ms).unwrap_or("-".into()),
-        ratio(secs(&capsa), secs(&qemu)),
+        ratio(secs(capsa), secs(&qemu)),
     );
     let mm = |s: &Summary| {
         s.ready_min_max()
@@ -505,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .unwrap_or("-".into())
     };
-    row("  min-max", mm(&capsa), mm(&qemu), String::new());
+    row("  min-max", mm(capsa), mm(&qemu), String::new());
     for (label, f) in [
         (
             "VMM own memory: RSS - guest RAM (median)",
