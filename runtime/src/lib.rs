@@ -23,5 +23,6 @@ pub mod run;
 pub mod sandboxes;
 pub mod shim;
 pub mod supervise;
+pub mod timeline;
 pub mod virtiofsd;
 pub mod vm;

@@ -213,6 +213,30 @@ impl VmmExitWatch {
     }
 }
 
+/// Logs the timeline's `kernel_entry` and `agent_started` steps once the VMM's `BOOT_TIMER` line (times
+/// since its start, which is about `spawned`) has been read, waiting for it off the hot path.
+fn log_boot_timer_steps(
+    sandbox: &str,
+    spawned: std::time::SystemTime,
+    mut timer: watch::Receiver<Option<BootTimer>>,
+) {
+    let sandbox = sandbox.to_owned();
+    tokio::spawn(async move {
+        let t = match tokio::time::timeout(Duration::from_secs(2), timer.wait_for(|t| t.is_some()))
+            .await
+        {
+            Ok(Ok(t)) => *t,
+            _ => None,
+        };
+        if let Some(t) = t {
+            let entry = crate::timeline::plus_us(spawned, t.start_to_kernel_entry_us);
+            crate::timeline::step_at(&sandbox, "kernel_entry", entry);
+            let agent = crate::timeline::plus_us(entry, t.kernel_entry_to_agent_us);
+            crate::timeline::step_at(&sandbox, "agent_started", agent);
+        }
+    });
+}
+
 /// How the VMM process ended, in words; a seccomp violation is named as such.
 pub fn describe_vmm_exit(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -776,6 +800,7 @@ impl Vm {
             };
             let jail = Jail::prepare(&req, config.jail.uids)?;
             tracing::info!(sandbox = sandbox_id, uid = jail.uid(), root = %jail.root().display(), "VMM jail prepared");
+            crate::timeline::step(sandbox_id, "jail_ready");
             Some(jail)
         } else {
             tracing::warn!(
@@ -799,6 +824,7 @@ impl Vm {
                 if let Some(j) = &jail {
                     j.grant_socket(&paths.fs_socket)?;
                 }
+                crate::timeline::step(sandbox_id, "virtiofsd_ready");
                 Some(v)
             }
             None => None,
@@ -875,6 +901,8 @@ impl Vm {
                 });
             }
         };
+        let spawned_wall = std::time::SystemTime::now();
+        crate::timeline::step_at(sandbox_id, "vmm_spawned", spawned_wall);
         if let Some(j) = jail.as_mut() {
             j.spawned();
         }
@@ -923,6 +951,8 @@ impl Vm {
             Ok(Ok(agent)) => {
                 let ready_after = spawned_at.elapsed();
                 tracing::info!(sandbox = sandbox_id, pid, ?ready_after, "VM ready");
+                crate::timeline::step(sandbox_id, "agent_ready");
+                log_boot_timer_steps(sandbox_id, spawned_wall, timer_rx.clone());
                 // A dead virtiofsd would leave every file access of the guest blocked: stop the VM.
                 let virtiofsd_watch = virtiofsd.as_ref().and_then(|v| v.pid()).and_then(|vpid| {
                     crate::supervise::stop_vm_when_helper_dies(sandbox_id, "virtiofsd", vpid, pid)

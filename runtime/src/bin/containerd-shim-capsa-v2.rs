@@ -191,6 +191,14 @@ async fn serve_async(flags: Flags, config: CapsaConfig) -> anyhow::Result<()> {
     server.start().await.context("start ttrpc server")?;
     detach_stdio()?;
     tracing::info!(id = %flags.id, namespace = %flags.namespace, %socket, "shim serving");
+    if let Some(us) = std::env::var(capsa_runtime::timeline::SHIM_START_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(us);
+        capsa_runtime::timeline::step_at(&flags.id, "shim_start", at);
+    }
+    capsa_runtime::timeline::step(&flags.id, "shim_serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -162,6 +162,7 @@ fn parse_string_fields(mut b: &[u8]) -> Option<Vec<(u64, String)>> {
 
 /// `start`: returns the address to print. `stdin` is what containerd piped in.
 pub fn start(flags: &Flags, stdin: &[u8]) -> Result<String, BootstrapError> {
+    let launched = std::time::SystemTime::now();
     if flags.id.is_empty() {
         return Err(BootstrapError::MissingFlag("id"));
     }
@@ -181,7 +182,7 @@ pub fn start(flags: &Flags, stdin: &[u8]) -> Result<String, BootstrapError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove stale socket", Path::new(path))(e)),
         }
-        spawn_daemon(flags, &address, config_path_from_options(stdin))?;
+        spawn_daemon(flags, &address, config_path_from_options(stdin), launched)?;
     }
     write_address_file(&bundle, &address)?;
     Ok(address)
@@ -201,6 +202,7 @@ fn spawn_daemon(
     flags: &Flags,
     address: &str,
     config_path: Option<PathBuf>,
+    launched: std::time::SystemTime,
 ) -> Result<(), BootstrapError> {
     let exe =
         std::env::current_exe().map_err(io_err("current exe", Path::new("/proc/self/exe")))?;
@@ -219,6 +221,11 @@ fn spawn_daemon(
     if let Some(p) = config_path {
         cmd.env(super::config::CONFIG_ENV, p);
     }
+    // For the pod-start timeline's `shim_start` step, logged by the daemon once its log is open.
+    cmd.env(
+        crate::timeline::SHIM_START_ENV,
+        crate::timeline::unix_us(launched).to_string(),
+    );
     // SAFETY: setsid is async-signal-safe; the daemon must not die with containerd's process group.
     unsafe {
         cmd.pre_exec(|| {

@@ -206,6 +206,7 @@ impl SandboxFactory for VmFactory {
         sandbox_id: &str,
         first: &ContainerRequest,
     ) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        crate::timeline::step(sandbox_id, "boot_begin");
         let spec: serde_json::Value = serde_json::from_slice(&first.spec_json)
             .map_err(|e| SandboxError::InvalidArgument(format!("config.json: {e}")))?;
         let annotations = super::bootstrap::annotations_of(&spec);
@@ -354,7 +355,9 @@ impl SandboxFactory for VmFactory {
         if let Some(n) = network.as_mut() {
             n.start_port_forward(&vm.paths().vsock).await;
         }
+        crate::timeline::step(sandbox_id, "sandbox_created");
         Ok(Arc::new(VmSandbox {
+            id: sandbox_id.to_owned(),
             pid: vm.pid(),
             client,
             vm: tokio::sync::Mutex::new(Some(vm)),
@@ -374,6 +377,8 @@ impl SandboxFactory for VmFactory {
 
 /// A running sandbox VM.
 pub struct VmSandbox {
+    /// The sandbox id (for the pod-start timeline).
+    id: String,
     client: AgentServiceClient,
     vm: tokio::sync::Mutex<Option<Vm>>,
     pid: u32,
@@ -459,6 +464,7 @@ impl VmSandbox {
         }
         tracing::info!(container = %cid, binds = spec.binds.len(), dropped = spec.dropped.len(),
             "container created on the virtio-fs share");
+        crate::timeline::container_step(&self.id, &cid, "container_created");
         self.shares().insert(cid, share);
         Ok(())
     }
@@ -494,6 +500,7 @@ impl Sandbox for VmSandbox {
             .create_container(short(), &r)
             .await
             .map_err(|e| map_err("CreateContainer", e))?;
+        crate::timeline::container_step(&self.id, &cid, "container_created");
         Ok(())
     }
 
@@ -506,6 +513,7 @@ impl Sandbox for VmSandbox {
             .start_container(short(), &r)
             .await
             .map_err(|e| map_err("StartContainer", e))?;
+        crate::timeline::container_step(&self.id, cid, "container_started");
         Ok(())
     }
 

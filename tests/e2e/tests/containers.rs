@@ -239,8 +239,9 @@ async fn processes(a: &Agent) {
         a.remove(&id).await;
     }
     eprintln!(
-        "BENCH container_start_to_first_stdout_byte_ms median={:.1}",
-        median(&mut first_byte).as_secs_f64() * 1e3
+        "BENCH container_start_to_first_stdout_byte_ms={:.1} ok={}/5 (median)",
+        median(&mut first_byte).as_secs_f64() * 1e3,
+        first_byte.len()
     );
 
     // exit code 3
@@ -271,8 +272,9 @@ async fn processes(a: &Agent) {
         lat.push(t.elapsed());
     }
     eprintln!(
-        "BENCH exec_latency_ms median={:.1}",
-        median(&mut lat).as_secs_f64() * 1e3
+        "BENCH exec_latency_ms={:.1} ok={}/5 (median)",
+        median(&mut lat).as_secs_f64() * 1e3,
+        lat.len()
     );
     // Unknown process / duplicate exec id.
     let mut w = agent::WaitProcessRequest::new();
@@ -347,7 +349,7 @@ async fn stdout_100mib(a: &Agent) {
     assert_eq!(a.wait("big", "").await, 0);
     a.remove("big").await;
     eprintln!(
-        "BENCH stdout_throughput_mib_s={:.1} ({} MiB in {secs:.2} s)",
+        "BENCH stdout_throughput_mib_s={:.1} ok=1/1 ({} MiB in {secs:.2} s)",
         n as f64 / MIB as f64 / secs,
         n / MIB
     );

@@ -1,15 +1,22 @@
 //! capsa-bench: boot time and memory overhead of capsa-vmm, next to QEMU `-M microvm` booting the same
-//! guest kernel and initrd. Prints numbers; asserts nothing. `make bench` runs it inside the nested test
-//! host.
+//! guest kernel and initrd, and what capsa-vmm's jail and seccomp filters cost. `make bench` runs it inside
+//! the nested test host.
 //!
 //! Measured per run:
 //! - boot to agent ready: VMM process spawn → the agent's first Check answer (hybrid vsock for capsa,
 //!   AF_VSOCK through vhost-vsock for QEMU);
+//! - start to agent ready (capsa only): the whole of `Vm::start`, so the jail's preparation before the
+//!   spawn (uid lock, root directory, bind mounts) is included;
 //! - the VMM's `BOOT_TIMER` line (capsa only);
 //! - memory: `/proc/<pid>/smaps` of the VMM right after the agent answered, split into the guest RAM
 //!   mapping and everything else (the VMM's own overhead);
-//! - the cost of the VMM's jail: capsa-vmm boots with the jail on (the default) and off, alternating, and
-//!   the ratio of the medians of boot to agent ready is printed (`BENCH jail_on_off_ratio=...`).
+//! - the cost of the jail and the seccomp filters: capsa-vmm boots in four variants (both on, the default;
+//!   jail only; seccomp only; both off), alternating with each other and with QEMU in every round, the
+//!   order rotating; the ratios of the medians of start to agent ready against "both off" are printed.
+//!
+//! Every figure is printed as a `BENCH <name>=<value> ok=<n>/<N>` line (capsa_e2e::figures): n of the N
+//! planned runs succeeded. Three failed runs in a row end the benchmark with status 75 (the test host is
+//! replaced, tests/run-e2e.sh), and so does a figure that rests on fewer than 80 % of its runs.
 //!
 //! Usage: capsa-bench [--runs N] [--vcpus N] [--memory-mib M] [--no-qemu] [--qemu PATH]
 //!                    [--qemu-kernel PATH]
@@ -20,10 +27,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use capsa_e2e::figures::{Figure, Health, EXIT_HOST_UNHEALTHY};
 use capsa_e2e::smaps::{self, Split};
 use capsa_e2e::{median, Inputs};
 use capsa_runtime::agent_client::{AgentAddress, AgentClient};
-use capsa_runtime::vm::{file_tail, BootTimer, Vm, VmConfig, BASE_CMDLINE};
+use capsa_runtime::vm::{file_tail, BootTimer, SeccompMode, Vm, VmConfig, BASE_CMDLINE};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
@@ -70,6 +78,8 @@ fn parse_opts() -> anyhow::Result<Opts> {
 #[derive(Debug, Clone)]
 struct Sample {
     ready: Duration,
+    /// `Vm::start` as a whole (capsa only; QEMU: the same as `ready`).
+    start: Duration,
     mem: Option<Split>,
     timer: Option<BootTimer>,
 }
@@ -114,6 +124,10 @@ impl Summary {
         let mut v: Vec<Duration> = self.samples.iter().map(|s| s.ready).collect();
         (!v.is_empty()).then(|| median(&mut v))
     }
+    fn start_median(&self) -> Option<Duration> {
+        let mut v: Vec<Duration> = self.samples.iter().map(|s| s.start).collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    }
     fn ready_min_max(&self) -> Option<(Duration, Duration)> {
         let min = self.samples.iter().map(|s| s.ready).min()?;
         let max = self.samples.iter().map(|s| s.ready).max()?;
@@ -145,12 +159,57 @@ impl Summary {
     }
 }
 
+/// How capsa-vmm is confined in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Variant {
+    jail: bool,
+    seccomp: bool,
+}
+
+impl Variant {
+    const ALL: [Variant; 4] = [
+        Variant {
+            jail: true,
+            seccomp: true,
+        },
+        Variant {
+            jail: true,
+            seccomp: false,
+        },
+        Variant {
+            jail: false,
+            seccomp: true,
+        },
+        Variant {
+            jail: false,
+            seccomp: false,
+        },
+    ];
+
+    fn label(self) -> &'static str {
+        match (self.jail, self.seccomp) {
+            (true, true) => "jail+seccomp",
+            (true, false) => "jail only",
+            (false, true) => "seccomp only",
+            (false, false) => "neither",
+        }
+    }
+
+    fn id(self, i: usize) -> String {
+        format!(
+            "bench-{}{}-{i}",
+            if self.jail { "j" } else { "nj" },
+            if self.seccomp { "s" } else { "ns" }
+        )
+    }
+}
+
 async fn capsa_once(
     inputs: &Inputs,
     o: &Opts,
     root: &Path,
     i: usize,
-    jail: bool,
+    v: Variant,
 ) -> anyhow::Result<Sample> {
     let mut c = VmConfig::new(
         inputs.vmm.clone(),
@@ -161,24 +220,32 @@ async fn capsa_once(
     c.memory_mib = o.memory_mib;
     c.run_root = root.to_path_buf();
     c.boot_timeout = Duration::from_secs(60);
-    c.jail.enabled = jail;
-    let id = if jail {
-        format!("bench-{i}")
+    c.jail.enabled = v.jail;
+    c.seccomp = if v.seccomp {
+        SeccompMode::On
     } else {
-        format!("bench-nojail-{i}")
+        SeccompMode::Off
     };
-    let vm = Vm::start(&c, &id).await?;
+    let t0 = Instant::now();
+    let vm = Vm::start(&c, &v.id(i)).await?;
+    let start = t0.elapsed();
     let ready = vm.ready_after();
     let mem = smaps::split_pid(vm.pid(), u64::from(o.memory_mib) << 20).ok();
     let timer = vm.boot_timer(Duration::from_secs(1)).await;
     let exit = vm.stop().await?;
     if !exit.status.success() {
         eprintln!(
-            "capsa-bench: note: capsa-vmm run {i} ended with {}",
+            "capsa-bench: note: capsa-vmm run {i} ({}) ended with {}",
+            v.label(),
             exit.status
         );
     }
-    Ok(Sample { ready, mem, timer })
+    Ok(Sample {
+        ready,
+        start,
+        mem,
+        timer,
+    })
 }
 
 async fn qemu_once(
@@ -243,6 +310,7 @@ async fn qemu_once(
             let mem = smaps::split_pid(pid, u64::from(o.memory_mib) << 20).ok();
             Ok(Sample {
                 ready,
+                start: ready,
                 mem,
                 timer: None,
             })
@@ -372,30 +440,46 @@ async fn main() -> anyhow::Result<()> {
         println!("  QEMU: skipped: /dev/vhost-vsock missing (modprobe vhost_vsock)");
         qemu_enabled = false;
     }
-    let mut capsa = Summary::default();
-    let mut unjailed = Summary::default();
+    // One summary per variant, in Variant::ALL's order; index 0 (jail and seccomp on) is capsa's default.
+    let mut variants: Vec<Summary> = Variant::ALL.iter().map(|_| Summary::default()).collect();
     let mut qemu = Summary::default();
+    let mut health = Health::default();
+    // QEMU's figures are planned when it can run here at all; a QEMU that fails shows 0 of N.
+    let qemu_planned = if qemu_enabled { o.runs } else { 0 };
     for i in 0..o.runs {
-        // Jail on and off alternate, and which goes first alternates too.
-        for jail in [i % 2 == 0, i % 2 != 0] {
-            let r = capsa_once(&inputs, &o, root.path(), i, jail).await;
-            if jail {
-                capsa.record("capsa-vmm", i, r);
-            } else {
-                unjailed.record("capsa-vmm (jail off)", i, r);
+        // The variants alternate, and which goes first rotates from round to round.
+        for k in 0..Variant::ALL.len() {
+            let idx = (i + k) % Variant::ALL.len();
+            let v = Variant::ALL[idx];
+            let r = capsa_once(&inputs, &o, root.path(), i, v).await;
+            let ok = variants[idx].record(&format!("capsa-vmm ({})", v.label()), i, r);
+            if health.record(ok) {
+                break;
             }
+        }
+        if health.broken() {
+            break;
         }
         let Some(q) = o.qemu.as_ref().filter(|_| qemu_enabled) else {
             continue;
         };
         let r = qemu_once(q, &qemu_kernel, &inputs, &o, root.path(), i).await;
-        // A broken setup fails the same way every time.
-        if !qemu.record("QEMU microvm", i, r) && qemu.samples.is_empty() && i >= 1 {
+        let ok = qemu.record("QEMU microvm", i, r);
+        if health.record(ok) {
+            break;
+        }
+        // A broken QEMU set-up fails the same way every time (the figure then shows 0 of N).
+        if !ok && qemu.samples.is_empty() && i >= 1 {
             println!("  QEMU: giving up after {} failures", i + 1);
             qemu_enabled = false;
         }
     }
-
+    if health.broken() {
+        health.report("capsa-bench");
+        drop(root);
+        std::process::exit(EXIT_HOST_UNHEALTHY);
+    }
+    let capsa = &variants[0];
     println!();
     row(
         "",
@@ -408,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
         "boot to agent ready (median)",
         capsa.ready_median().map(ms).unwrap_or("-".into()),
         qemu.ready_median().map(ms).unwrap_or("-".into()),
-        ratio(secs(&capsa), secs(&qemu)),
+        ratio(secs(capsa), secs(&qemu)),
     );
     let mm = |s: &Summary| {
         s.ready_min_max()
@@ -421,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .unwrap_or("-".into())
     };
-    row("  min-max", mm(&capsa), mm(&qemu), String::new());
+    row("  min-max", mm(capsa), mm(&qemu), String::new());
     for (label, f) in [
         (
             "VMM own memory: RSS - guest RAM (median)",
@@ -456,37 +540,109 @@ async fn main() -> anyhow::Result<()> {
         String::new(),
     );
     println!();
-    row("", "jail on".into(), "jail off".into(), "on/off".into());
+    let start_secs = |s: &Summary| s.start_median().map(|d| d.as_secs_f64());
+    let neither = &variants[3];
     row(
-        "capsa-vmm boot to agent ready (median)",
-        capsa.ready_median().map(ms).unwrap_or("-".into()),
-        unjailed.ready_median().map(ms).unwrap_or("-".into()),
-        ratio(secs(&capsa), secs(&unjailed)),
+        "start to agent ready (Vm::start)",
+        "median".into(),
+        "runs".into(),
+        "/neither".into(),
     );
-    row("  min-max", mm(&capsa), mm(&unjailed), String::new());
-    println!(
-        "BENCH jail_on_off_ratio={} (jail on {} / off {}, {} and {} runs)",
-        ratio(secs(&capsa), secs(&unjailed)),
-        capsa.ready_median().map(ms).unwrap_or("-".into()),
-        unjailed.ready_median().map(ms).unwrap_or("-".into()),
-        capsa.samples.len(),
-        unjailed.samples.len()
-    );
+    for (v, s) in Variant::ALL.iter().zip(&variants) {
+        row(
+            &format!("  capsa-vmm, {}", v.label()),
+            s.start_median().map(ms).unwrap_or("-".into()),
+            format!("{}/{} ok", s.samples.len(), o.runs),
+            ratio(start_secs(s), start_secs(neither)),
+        );
+    }
     if let Some(m) = capsa.samples.iter().find_map(|s| s.mem.as_ref()) {
         println!("memory split (capsa-vmm): {}", m.method);
     }
     if let Some(m) = qemu.samples.iter().find_map(|s| s.mem.as_ref()) {
         println!("memory split (QEMU): {}", m.method);
     }
-    println!(
-        "runs ok: capsa-vmm {}/{}, QEMU {}/{}",
-        capsa.samples.len(),
-        o.runs,
-        qemu.samples.len(),
-        if o.qemu.is_some() { o.runs } else { 0 }
-    );
-    if capsa.samples.is_empty() {
-        bail!("no capsa-vmm run succeeded");
+    println!();
+
+    // The figures (capsa_e2e::figures): n of N runs each; a ratio counts the thinner of its two sides.
+    let n = o.runs;
+    let both = |a: &Summary, b: &Summary| a.samples.len().min(b.samples.len());
+    let ms_of = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let mib_of = |v: Option<u64>| v.map(|k| k as f64 / 1024.0);
+    let mut figures = vec![
+        Figure::new(
+            "boot_capsa_ms",
+            ms_of(capsa.ready_median()),
+            capsa.samples.len(),
+            n,
+        ),
+        Figure::new(
+            "vmm_own_memory_capsa_mib",
+            mib_of(capsa.mem_median(|m| m.vmm_rss_kib)),
+            capsa.samples.iter().filter(|s| s.mem.is_some()).count(),
+            n,
+        ),
+    ];
+    if qemu_planned > 0 {
+        figures.extend([
+            Figure::new(
+                "boot_qemu_ms",
+                ms_of(qemu.ready_median()),
+                qemu.samples.len(),
+                qemu_planned,
+            ),
+            Figure::new(
+                "boot_capsa_qemu_ratio",
+                div(secs(capsa), secs(&qemu)),
+                both(capsa, &qemu),
+                qemu_planned,
+            ),
+        ]);
+    }
+    for (idx, name) in [
+        (0, "jail_seccomp_on_off_ratio"),
+        (1, "jail_only_on_off_ratio"),
+        (2, "seccomp_only_on_off_ratio"),
+    ] {
+        figures.push(Figure::new(
+            name,
+            div(start_secs(&variants[idx]), start_secs(neither)),
+            both(&variants[idx], neither),
+            n,
+        ));
+    }
+    for (v, s) in Variant::ALL.iter().zip(&variants) {
+        figures.push(Figure::new(
+            &format!(
+                "start_to_ready_{}_ms",
+                v.id(0).trim_start_matches("bench-").trim_end_matches("-0")
+            ),
+            ms_of(s.start_median()),
+            s.samples.len(),
+            n,
+        ));
+    }
+    for f in &figures {
+        f.print("");
+    }
+    println!("(start_to_ready_<js|jns|njs|njns>: j = jail, s = seccomp, n = off; boot_*: spawn to agent ready)");
+    let thin: Vec<String> = figures
+        .iter()
+        .filter_map(|f| f.problem().map(|p| format!("{}: {p}", f.name)))
+        .collect();
+    if !thin.is_empty() {
+        println!(
+            "capsa-bench: {} figure(s) cannot be trusted ({}); exiting with status {EXIT_HOST_UNHEALTHY} so the \
+             benchmark runs again in a fresh test host",
+            thin.len(),
+            thin.join("; ")
+        );
+        drop(root);
+        std::process::exit(EXIT_HOST_UNHEALTHY);
     }
     Ok(())
 }

@@ -18,7 +18,8 @@
 //! Usage: capsa-cri-bench [--runs N] [--sections start,net] [--net-mib N] [--net-runs N].
 //! Inputs: CAPSA_VMM, CAPSA_KERNEL, CAPSA_INITRD; needs containerd (and the CNI plugins for `net`).
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use capsa_e2e::cni::{
@@ -27,8 +28,11 @@ use capsa_e2e::cni::{
 use capsa_e2e::cri::{
     container_config, log_lines, pids_mentioning, pod_config, Cri, CriContainerd,
 };
+use capsa_e2e::figures::{Figure, Health, EXIT_HOST_UNHEALTHY};
 use capsa_e2e::netbench::{self, mib_per_s, percentile};
 use capsa_e2e::{median, Inputs};
+use capsa_runtime::timeline;
+use k8s_cri::v1 as cri_api;
 use tracing::{info, warn};
 
 #[derive(Default)]
@@ -36,6 +40,47 @@ struct Sample {
     ready: Vec<Duration>,
     first_log: Vec<Duration>,
     errors: Vec<String>,
+    /// Per run: step → ms after the RunPodSandbox call (CRI-side steps for both handlers, the shim's
+    /// timeline steps for capsa).
+    timeline: Vec<HashMap<String, f64>>,
+}
+
+/// The pod-start timeline's rows: (step, label). CRI-side steps are `cri_*`; the others are the capsa
+/// shim's `capsa_timeline` events (capsa_runtime::timeline), container steps those of the app container.
+const TIMELINE: [(&str, &str); 16] = [
+    ("shim_start", "shim start (containerd runs `shim start`)"),
+    ("shim_serving", "shim serving (ttrpc listening)"),
+    ("boot_begin", "sandbox Create reaches the shim"),
+    ("jail_ready", "VMM jail prepared"),
+    ("virtiofsd_ready", "virtiofsd ready (socket exists)"),
+    ("vmm_spawned", "VMM spawned"),
+    ("kernel_entry", "guest kernel entry (BOOT_TIMER)"),
+    ("agent_started", "agent started (BOOT_TIMER)"),
+    ("agent_ready", "agent ready (notified, answered)"),
+    ("sandbox_created", "CreateSandbox done (+ guest network)"),
+    ("cri_pod_ready", "RunPodSandbox returned"),
+    ("container_created", "container created (shim)"),
+    ("cri_created", "CreateContainer returned"),
+    ("container_started", "container started (shim)"),
+    ("cri_started", "StartContainer returned"),
+    ("cri_first_log", "first log line (CRI log file)"),
+];
+
+/// The shim's timeline events for sandbox `pod` (and its container `cid`) in containerd's log, as ms
+/// after `t0`.
+fn shim_timeline(c: &CriContainerd, pod: &str, cid: &str, t0: SystemTime) -> HashMap<String, f64> {
+    let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+    let t0 = timeline::unix_us(t0) as f64;
+    let mut steps = HashMap::new();
+    for e in log.lines().filter_map(timeline::parse) {
+        if e.sandbox != pod || e.container.as_deref().is_some_and(|c| c != cid) {
+            continue;
+        }
+        steps
+            .entry(e.step)
+            .or_insert((e.unix_us as f64 - t0) / 1000.0);
+    }
+    steps
 }
 
 /// (VmRSS kB, Pss kB) of a process.
@@ -92,7 +137,9 @@ async fn one_run(
     let name = format!("bench-{handler}-{i}");
     let log_dir = c.log_dir(&name);
     let cfg = pod_config(&name, &log_dir);
+    let t0_wall = SystemTime::now();
     let t0 = Instant::now();
+    let mut steps = HashMap::new();
     let pod = match cri.run_pod(&cfg, handler).await {
         Ok(p) => p,
         Err(e) => {
@@ -103,20 +150,44 @@ async fn one_run(
         }
     };
     sample.ready.push(t0.elapsed());
-    let started = cri
-        .run_container(
-            &pod,
-            &cfg,
-            container_config("c", &["sh", "-c", "echo first; sleep 600"]),
-        )
-        .await;
+    steps.insert("cri_pod_ready".to_owned(), ms(t0.elapsed()));
+    // CreateContainer and StartContainer one by one, for the timeline.
+    let started = async {
+        let id = cri
+            .rt
+            .clone()
+            .create_container(cri_api::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "c",
+                    &["sh", "-c", "echo first; sleep 600"],
+                )),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        steps.insert("cri_created".to_owned(), ms(t0.elapsed()));
+        cri.rt
+            .clone()
+            .start_container(cri_api::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        steps.insert("cri_started".to_owned(), ms(t0.elapsed()));
+        Ok::<_, tonic::Status>(id)
+    }
+    .await;
+    let mut cid = String::new();
     match started {
-        Ok(_) => {
+        Ok(id) => {
+            cid = id;
             let log = log_dir.join("c.log");
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
                 if !log_lines(&log, "stdout").is_empty() {
                     sample.first_log.push(t0.elapsed());
+                    steps.insert("cri_first_log".to_owned(), ms(t0.elapsed()));
                     break;
                 }
                 if Instant::now() > deadline {
@@ -131,6 +202,10 @@ async fn one_run(
             e.message().chars().take(200).collect::<String>()
         )),
     }
+    if handler == "capsa" {
+        steps.extend(shim_timeline(c, &pod, &cid, t0_wall));
+    }
+    sample.timeline.push(steps);
     if handler == "capsa" && memory.is_none() {
         *memory = Some(capsa_pod_memory(c, &pod));
     }
@@ -143,18 +218,27 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The start section: `runs` pods per handler, then the table and the capsa pod's memory.
-fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
-    let mut results = Vec::new();
+/// The start section: `runs` rounds of one capsa and one runc pod (which goes first alternates), then the
+/// table and the capsa pod's memory. Returns the section's figures.
+fn start_section(
+    rt: &tokio::runtime::Runtime,
+    c: &CriContainerd,
+    runs: usize,
+    health: &mut Health,
+) -> Vec<Figure> {
+    let mut results = vec![("capsa", Sample::default()), ("runc", Sample::default())];
     let mut memory = None;
-    for handler in ["capsa", "runc"] {
-        let mut s = Sample::default();
-        for i in 0..runs {
+    for i in 0..runs {
+        for k in 0..results.len() {
+            let idx = (i + k) % results.len();
+            let (handler, s) = &mut results[idx];
+            let handler = *handler;
             let t = Instant::now();
+            let errors_before = s.errors.len();
             let r = rt.block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(240),
-                    one_run(c, handler, i, &mut s, &mut memory),
+                    one_run(c, handler, i, s, &mut memory),
                 )
                 .await
             });
@@ -166,24 +250,46 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
             if r.is_err() {
                 s.errors.push("run timed out after 240 s".into());
             }
+            let ok = s.errors.len() == errors_before;
+            if !ok {
+                println!(
+                    "  {handler} run {i}: FAILED: {}",
+                    s.errors[errors_before..].join("; ")
+                );
+            }
+            if health.record(ok) {
+                return Vec::new();
+            }
         }
-        results.push((handler, s));
     }
-    println!("== pod start through CRI ({runs} runs each, medians; containerd 1.6, native snapshotter, host network)");
+    println!("== pod start through CRI ({runs} runs each, capsa and runc alternating, medians; containerd 1.6, native snapshotter, host network)");
     let mut med = std::collections::HashMap::new();
+    let mut figures = Vec::new();
     for (handler, s) in &mut results {
         let ready = (!s.ready.is_empty()).then(|| median(&mut s.ready));
         let first = (!s.first_log.is_empty()).then(|| median(&mut s.first_log));
-        med.insert(*handler, (ready, first));
+        med.insert(*handler, (ready, first, s.ready.len(), s.first_log.len()));
         let show = |d: Option<Duration>, n: usize| match d {
-            Some(d) => format!("{:8.1} ms (n={n})", ms(d)),
-            None => "     n/a".to_owned(),
+            Some(d) => format!("{:8.1} ms ({n} of {runs} ok)", ms(d)),
+            None => format!("     n/a    (0 of {runs} ok)"),
         };
         println!(
             "{handler:6} RunPodSandbox→ready {}   RunPodSandbox→first log line {}",
             show(ready, s.ready.len()),
             show(first, s.first_log.len())
         );
+        figures.push(Figure::new(
+            &format!("pod_ready_{handler}_ms"),
+            ready.map(ms),
+            s.ready.len(),
+            runs,
+        ));
+        figures.push(Figure::new(
+            &format!("first_log_{handler}_ms"),
+            first.map(ms),
+            s.first_log.len(),
+            runs,
+        ));
         let mut errs = s.errors.clone();
         errs.dedup();
         for e in errs.iter().take(3) {
@@ -191,19 +297,32 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
         }
     }
     let ratio = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-        (Some(a), Some(b)) if b > Duration::ZERO => {
-            format!("{:.1}x", a.as_secs_f64() / b.as_secs_f64())
-        }
-        _ => "n/a".into(),
+        (Some(a), Some(b)) if b > Duration::ZERO => Some(a.as_secs_f64() / b.as_secs_f64()),
+        _ => None,
     };
-    let (cr, cf) = med.get("capsa").copied().unwrap_or((None, None));
-    let (rr, rf) = med.get("runc").copied().unwrap_or((None, None));
+    let show = |r: Option<f64>| r.map_or("n/a".into(), |r| format!("{r:.1}x"));
+    let (cr, cf, crn, cfn) = med.get("capsa").copied().unwrap_or((None, None, 0, 0));
+    let (rr, rf, rrn, rfn) = med.get("runc").copied().unwrap_or((None, None, 0, 0));
     println!(
         "ratio capsa/runc: pod ready {}, first log line {}",
-        ratio(cr, rr),
-        ratio(cf, rf)
+        show(ratio(cr, rr)),
+        show(ratio(cf, rf))
     );
+    print_timeline(&results, runs, &mut figures);
+    figures.push(Figure::new(
+        "pod_ready_ratio",
+        ratio(cr, rr),
+        crn.min(rrn),
+        runs,
+    ));
+    figures.push(Figure::new(
+        "first_log_ratio",
+        ratio(cf, rf),
+        cfn.min(rfn),
+        runs,
+    ));
     println!("== host memory of one capsa pod (while running)");
+    let mut pss_total = None;
     match memory {
         Some(procs) if !procs.is_empty() => {
             let (mut rss, mut pss) = (0, 0);
@@ -227,8 +346,76 @@ fn start_section(rt: &tokio::runtime::Runtime, c: &CriContainerd, runs: usize) {
                 "  RuntimeClass overhead.podFixed.memory from this: {overhead_mib}Mi (capsa install prints {})",
                 capsa_runtime::shim::install::OVERHEAD_MEMORY
             );
+            pss_total = Some(pss as f64 / 1024.0);
         }
         _ => println!("  n/a (no capsa pod ran)"),
+    }
+    figures.push(Figure::new(
+        "pod_pss_capsa_mib",
+        pss_total,
+        usize::from(pss_total.is_some()),
+        1,
+    ));
+    figures
+}
+
+/// The pod-start timeline: per step, the median ms after the RunPodSandbox call for capsa (and the step
+/// since the previous one) and runc, with n of N runs; a `BENCH timeline_<handler>_<step>_ms` figure each.
+fn print_timeline(results: &[(&str, Sample)], runs: usize, figures: &mut Vec<Figure>) {
+    println!("== pod-start timeline (median ms after the RunPodSandbox call; capsa's steps from its shim's log)");
+    println!(
+        "  {:42} {:>10} {:>9} {:>7} {:>10} {:>7}",
+        "step", "capsa", "+step", "n", "runc", "n"
+    );
+    let med = |s: &Sample, step: &str| {
+        let v: Vec<f64> = s
+            .timeline
+            .iter()
+            .filter_map(|t| t.get(step).copied())
+            .collect();
+        (median_f64(&v), v.len())
+    };
+    let get = |h: &str| results.iter().find(|(n, _)| *n == h).map(|(_, s)| s);
+    let mut prev: Option<f64> = None;
+    for (step, label) in TIMELINE {
+        let (c, cn) = get("capsa").map(|s| med(s, step)).unwrap_or((None, 0));
+        let (r, rn) = get("runc").map(|s| med(s, step)).unwrap_or((None, 0));
+        let delta = match (c, prev) {
+            (Some(c), Some(p)) => format!("{:+.1}", c - p),
+            _ => String::new(),
+        };
+        if c.is_some() {
+            prev = c;
+        }
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let count = |n: usize, v: Option<f64>| {
+            if v.is_some() {
+                format!("{n}/{runs}")
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "  {label:42} {:>10} {delta:>9} {:>7} {:>10} {:>7}",
+            show(c),
+            count(cn, c),
+            show(r),
+            count(rn, r)
+        );
+        figures.push(Figure::new(
+            &format!("timeline_capsa_{step}_ms"),
+            c,
+            cn,
+            runs,
+        ));
+        if step.starts_with("cri_") {
+            figures.push(Figure::new(
+                &format!("timeline_runc_{step}_ms"),
+                r,
+                rn,
+                runs,
+            ));
+        }
     }
 }
 
@@ -263,6 +450,8 @@ struct NetSample {
     to_pod: Vec<f64>,
     from_pod: Vec<f64>,
     rtt: Vec<Duration>,
+    /// Runs whose round trips all came back.
+    rtt_runs: usize,
     errors: Vec<String>,
 }
 
@@ -375,7 +564,10 @@ async fn net_run(cri: &Cri, pod: &NetPod, bytes: u64, s: &mut NetSample) {
         Err(e) => s.errors.push(format!("pod→host: {e:#}")),
     }
     match rtt(pod).await {
-        Ok(v) => s.rtt.extend(v),
+        Ok(v) => {
+            s.rtt.extend(v);
+            s.rtt_runs += 1;
+        }
         Err(e) => s.errors.push(format!("round trips: {e:#}")),
     }
     info!(
@@ -399,8 +591,8 @@ fn median_f64(v: &[f64]) -> Option<f64> {
     }
 }
 
-/// The network section: both pods, `runs` alternating runs, the table.
-async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
+/// The network section: both pods, `runs` alternating runs, the table. Returns the section's figures.
+async fn net_section(c: &CriContainerd, mib: u64, runs: usize) -> Vec<Figure> {
     let cri = c.client().await;
     let mut ids = Vec::new();
     let mut samples: Vec<(&'static str, NetSample)> = vec![
@@ -467,12 +659,31 @@ async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
         "", "capsa", "runc", "capsa/runc"
     );
     let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
-    for (what, c, r) in rows {
+    let mut figures = Vec::new();
+    let oks = [
+        cs.to_pod.len().min(rs.to_pod.len()),
+        cs.from_pod.len().min(rs.from_pod.len()),
+        cs.rtt_runs.min(rs.rtt_runs),
+        cs.rtt_runs.min(rs.rtt_runs),
+    ];
+    let names = [
+        "net_host_to_pod_ratio",
+        "net_pod_to_host_ratio",
+        "net_rtt_median_ratio",
+        "net_rtt_p90_ratio",
+    ];
+    for (((what, c, r), ok), name) in rows.into_iter().zip(oks).zip(names) {
         let ratio = match (c, r) {
-            (Some(c), Some(r)) if r > 0.0 => format!("{:.2}", c / r),
-            _ => "n/a".into(),
+            (Some(c), Some(r)) if r > 0.0 => Some(c / r),
+            _ => None,
         };
-        println!("  {what:24} {:>10} {:>10} {ratio:>11}", show(c), show(r));
+        println!(
+            "  {what:24} {:>10} {:>10} {:>11}  ({ok} of {runs} runs ok)",
+            show(c),
+            show(r),
+            ratio.map_or("n/a".into(), |r| format!("{r:.2}"))
+        );
+        figures.push(Figure::new(name, ratio, ok, runs));
     }
     for (h, s) in [("capsa", cs), ("runc", rs)] {
         println!(
@@ -492,6 +703,7 @@ async fn net_section(c: &CriContainerd, mib: u64, runs: usize) {
             println!("  {h} error: {e}");
         }
     }
+    figures
 }
 
 fn main() -> anyhow::Result<()> {
@@ -545,15 +757,41 @@ fn main() -> anyhow::Result<()> {
     let conflist = net.then(|| NET.conflist());
     let c = CriContainerd::start_with_cni(&inputs, conflist.as_deref());
     let rt = tokio::runtime::Runtime::new()?;
+    let mut health = Health::default();
+    let mut figures = Vec::new();
     if sections.iter().any(|s| s == "start") {
-        start_section(&rt, &c, runs);
+        figures.extend(start_section(&rt, &c, runs, &mut health));
     }
-    if net {
-        rt.block_on(net_section(&c, net_mib, net_runs));
+    if net && !health.broken() {
+        figures.extend(rt.block_on(net_section(&c, net_mib, net_runs)));
     }
     drop(c);
     if net {
         NET.remove_bridge();
+    }
+    if health.broken() {
+        health.report("capsa-cri-bench");
+        std::process::exit(EXIT_HOST_UNHEALTHY);
+    }
+    println!();
+    for f in &figures {
+        f.print("");
+    }
+    // The timeline's steps are shown, not required here (a step may not apply, e.g. virtiofsd in block
+    // mode); make bench requires the main ones (tests/e2e/bench.sh).
+    let thin: Vec<String> = figures
+        .iter()
+        .filter(|f| !f.name.starts_with("timeline_"))
+        .filter_map(|f| f.problem().map(|p| format!("{}: {p}", f.name)))
+        .collect();
+    if !thin.is_empty() {
+        println!(
+            "capsa-cri-bench: {} figure(s) cannot be trusted ({}); exiting with status {EXIT_HOST_UNHEALTHY} so \
+             the benchmark runs again in a fresh test host",
+            thin.len(),
+            thin.join("; ")
+        );
+        std::process::exit(EXIT_HOST_UNHEALTHY);
     }
     Ok(())
 }
