@@ -165,7 +165,13 @@ impl Chain {
         self.head = chain.head;
         self.readable.clear();
         self.writable.clear();
-        let r = Self::walk(mem, chain, max_bytes, &mut self.readable, &mut self.writable);
+        let r = Self::walk(
+            mem,
+            chain,
+            max_bytes,
+            &mut self.readable,
+            &mut self.writable,
+        );
         if r.is_err() {
             self.readable.clear();
             self.writable.clear();

@@ -196,4 +196,3 @@ impl TxPayload for [u8] {
         Ok(())
     }
 }
-

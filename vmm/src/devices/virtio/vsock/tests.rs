@@ -986,7 +986,11 @@ fn worker_cpu() -> Duration {
     let mut ticks = 0u64;
     for t in std::fs::read_dir("/proc/self/task").unwrap() {
         let t = t.unwrap().path();
-        if std::fs::read_to_string(t.join("comm")).unwrap_or_default().trim() != "capsa-vsock" {
+        if std::fs::read_to_string(t.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != "capsa-vsock"
+        {
             continue;
         }
         let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
