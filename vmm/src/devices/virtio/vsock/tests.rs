@@ -1153,3 +1153,136 @@ fn vsock_throughput() {
         mib_per_s(total, rx_cpu),
     );
 }
+
+impl Guest<'_> {
+    /// Put a packet on tx as a chain cut at `cuts` (offsets into header + payload) and wait until used.
+    fn send_split(&mut self, hdr: Header, payload: &[u8], cuts: &[usize]) {
+        let mut h = hdr;
+        h.len = payload.len() as u32;
+        let mut b = h.to_bytes().to_vec();
+        b.extend_from_slice(payload);
+        let a = self.bump.alloc(b.len() as u64);
+        write_bytes(self.mem, a, &b);
+        let mut descs = Vec::new();
+        let mut from = 0;
+        for &c in cuts.iter().chain(std::iter::once(&b.len())) {
+            descs.push((a + from as u64, (c - from) as u32, false));
+            from = c;
+        }
+        let head = self.tx.add(&descs);
+        assert_eq!(self.tx.wait_used(T), Some((u32::from(head), 0)));
+    }
+}
+
+#[test]
+fn tx_payload_split_across_descriptors_arrives_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = test_mem();
+    let (_dev, mut g, mut s, local) = hostile_setup(&mem, &dir);
+    let data = pattern(3000);
+    // Header cut in two, payload in pieces of 1, 2, 997 and the rest; then header and payload in one
+    // descriptor; then the header alone and every payload byte of a short packet in its own descriptor.
+    g.send_split(
+        gpkt(OP_RW, 1024, local, 65536, 0),
+        &data[..2000],
+        &[20, 44, 45, 47, 1044],
+    );
+    g.send_split(gpkt(OP_RW, 1024, local, 65536, 0), &data[2000..2990], &[]);
+    let cuts: Vec<usize> = (44..54).collect();
+    g.send_split(gpkt(OP_RW, 1024, local, 65536, 0), &data[2990..], &cuts);
+    assert_eq!(read_exact_timeout(&mut s, 3000), data);
+    g.send(gpkt(OP_CREDIT_REQUEST, 1024, local, 65536, 0), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.fwd_cnt), (OP_CREDIT_UPDATE, 3000));
+}
+
+#[test]
+fn tx_to_a_full_socket_keeps_the_rest_and_grants_only_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(64);
+    let (mut s, local) = host_connect(&mut g, &path, 1024, 65536);
+    // The host does not read: the guest uses all its credit in odd-sized packets (header and payload in
+    // separate descriptors, payload cut once more). The socket takes part, with a partial write at its
+    // limit; the device keeps the rest.
+    let total = connection::CONN_BUF_SIZE as usize;
+    let data = pattern(total);
+    let mut sent = 0;
+    while sent < total {
+        let n = (total - sent).min(60_001);
+        g.send_split(
+            gpkt(OP_RW, 1024, local, 65536, 0),
+            &data[sent..sent + n],
+            &[HDR_LEN, HDR_LEN + n / 3],
+        );
+        sent += n;
+    }
+    let buffered = dev.host_buffered();
+    assert!(
+        buffered > 0 && buffered < total,
+        "{buffered} of {total} buffered: the socket took none or all"
+    );
+    // The credit the device reports counts only bytes the socket took.
+    let credit_update = |g: &mut Guest| {
+        while let Some((h, _)) = g.recv_within(Duration::ZERO) {
+            assert_eq!(h.op, OP_CREDIT_UPDATE);
+            g.post_rx(1);
+        }
+        g.send(gpkt(OP_CREDIT_REQUEST, 1024, local, 65536, 0), &[]);
+        let (h, _) = g.recv();
+        g.post_rx(1);
+        assert_eq!(h.op, OP_CREDIT_UPDATE);
+        h.fwd_cnt as usize
+    };
+    assert_eq!(credit_update(&mut g) + buffered, total);
+    // The host reads: every byte, in order; then the whole credit is back.
+    assert_eq!(read_exact_timeout(&mut s, total), data);
+    let deadline = std::time::Instant::now() + T;
+    while dev.host_buffered() != 0 {
+        assert!(std::time::Instant::now() < deadline, "queue not flushed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(credit_update(&mut g), total);
+}
+
+#[test]
+fn rx_into_short_buffers_split_across_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let mem = test_mem();
+    let mut dev = Vsock::new(CID, &path).unwrap();
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev);
+    g.post_rx(1); // for the REQUEST
+    let (mut s, local) = host_connect(&mut g, &path, 1024, 65536);
+    let data = pattern(100);
+    s.write_all(&data).unwrap();
+    // Buffers with room for 10 payload bytes: header cut at 30, payload over three descriptors (the first
+    // shared with the header's end). The device fills each with at most 10 bytes, in order.
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let (a, b, c) = (g.bump.alloc(30), g.bump.alloc(18), g.bump.alloc(6));
+        let head = g.rx.add(&[(a, 30, true), (b, 18, true), (c, 6, true)]);
+        let (id, len) = g.rx.wait_used(T).expect("rx buffer used");
+        assert_eq!(id, u32::from(head));
+        let mut raw = read_bytes(&mem, a, 30);
+        raw.extend(read_bytes(&mem, b, 18));
+        raw.extend(read_bytes(&mem, c, 6));
+        let h = Header::from_bytes(raw[..HDR_LEN].try_into().unwrap());
+        assert_eq!((h.op, h.src_port), (OP_RW, local));
+        assert!(
+            h.len > 0 && h.len <= 10,
+            "{} bytes in a 10-byte buffer",
+            h.len
+        );
+        assert_eq!(len, HDR_LEN as u32 + h.len);
+        got.extend_from_slice(&raw[HDR_LEN..HDR_LEN + h.len as usize]);
+    }
+    assert_eq!(got, data);
+    // Nothing more: no packet beyond the 100 bytes.
+    assert!(g.recv_within(Duration::from_millis(50)).is_none());
+}
