@@ -60,6 +60,9 @@ pub const MAX_HOST_BUFFERED: usize = 8 << 20;
 /// Largest descriptor chain accepted (header + payload + slack for driver padding).
 const MAX_CHAIN_BYTES: u64 = (MAX_PKT_PAYLOAD + HDR_LEN + 4096) as u64;
 
+/// The kill eventfd is read (a syscall) before the first chain of a batch and then every this many.
+const STOP_CHECK_EVERY: usize = 16;
+
 const TOKEN_KILL: u64 = 0;
 const TOKEN_QUEUE_BASE: u64 = 1; // 1, 2, 3 = rx, tx, event
 
@@ -340,12 +343,13 @@ impl VsockWorker {
 
     /// Take the packets the guest queued, as long as one more cannot push the bytes buffered for host
     /// peers over the limit; the rest wait in the queue until host peers read (the loop calls us again
-    /// after every socket event). Breaks when the worker is told to stop (checked between chains).
+    /// after every socket event). Breaks when the worker is told to stop (checked before the first chain
+    /// and then every [`STOP_CHECK_EVERY`] chains).
     fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         let mut hdr_buf = [0u8; HDR_LEN];
-        loop {
-            if stop_requested(kill) {
+        for n in 0usize.. {
+            if n % STOP_CHECK_EVERY == 0 && stop_requested(kill) {
                 return ControlFlow::Break(());
             }
             if self.muxer.host_buffered() + MAX_PKT_PAYLOAD > self.host_buffer_limit {
@@ -373,14 +377,17 @@ impl VsockWorker {
             }
             self.queues[TXQ].add_used(mem, head, 0);
         }
+        ControlFlow::Continue(())
     }
 
     /// Fill rx buffers with whatever the host side has for the guest. Breaks when the worker is told to
-    /// stop (checked between chains).
+    /// stop (checked as in [`Self::process_tx`]).
     fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
+        let mut n = 0usize;
         while self.muxer.has_rx() {
-            if stop_requested(kill) {
+            n += 1;
+            if n % STOP_CHECK_EVERY == 1 && stop_requested(kill) {
                 return ControlFlow::Break(());
             }
             let Some(chain) = self.queues[RXQ].pop(mem) else {
