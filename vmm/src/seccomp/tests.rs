@@ -322,7 +322,7 @@ fn vsock_worker_serves_under_its_filter() {
             dev
         })
     };
-    let mut send = |tx: &mut TestQueue, b: &mut Bump, pkt: &[u8], split: usize| {
+    let send = |tx: &mut TestQueue, b: &mut Bump, pkt: &[u8], split: usize| {
         let a = b.alloc(pkt.len() as u64);
         write_bytes(&mem, a, pkt);
         let (x, y) = pkt.split_at(split);
