@@ -126,13 +126,17 @@ pub fn allowlist(kind: ThreadKind, pid: u32) -> Result<Allowlist, BackendError> 
             epoll(&mut a);
         }
         ThreadKind::Vsock => {
-            // Host connections accepted on the listener bound at setup; stream I/O; half-close.
+            // Host connections accepted on the listener bound at setup; stream I/O; half-close. Packet
+            // payloads move between guest memory and the sockets with sendmsg/recvmsg over iovecs (no
+            // control data: descriptors a peer passes are discarded by the kernel).
             epoll(&mut a).allow(&[
                 SYS_accept4,
                 SYS_connect,
                 SYS_shutdown,
                 SYS_recvfrom,
                 SYS_sendto,
+                SYS_sendmsg,
+                SYS_recvmsg,
             ]);
             // Guest-initiated connections go to `<uds>_<port>`: Unix sockets only (connect is by path: the
             // one path-based operation a running VMM does, and only on Unix sockets next to its own).

@@ -101,6 +101,11 @@ impl Segments {
         self.len == 0
     }
 
+    fn clear(&mut self) {
+        self.segs.clear();
+        self.len = 0;
+    }
+
     /// A cursor at the first byte.
     pub fn cursor(&self) -> Cursor<'_> {
         Cursor {
@@ -140,6 +145,47 @@ impl Chain {
         chain: RawChain,
         max_bytes: u64,
     ) -> Result<Self, ChainError> {
+        let mut c = Chain {
+            head: chain.head,
+            readable: Segments::default(),
+            writable: Segments::default(),
+        };
+        c.parse_into(mem, chain, max_bytes)?;
+        Ok(c)
+    }
+
+    /// [`Chain::parse`] into `self`, reusing its segment lists (a worker that keeps one `Chain` allocates
+    /// nothing per chain). On error `self` holds no segments.
+    pub fn parse_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: RawChain,
+        max_bytes: u64,
+    ) -> Result<(), ChainError> {
+        self.head = chain.head;
+        self.readable.clear();
+        self.writable.clear();
+        let r = Self::walk(
+            mem,
+            chain,
+            max_bytes,
+            &mut self.readable,
+            &mut self.writable,
+        );
+        if r.is_err() {
+            self.readable.clear();
+            self.writable.clear();
+        }
+        r
+    }
+
+    fn walk(
+        mem: &GuestMemoryMmap,
+        chain: RawChain,
+        max_bytes: u64,
+        readable: &mut Segments,
+        writable: &mut Segments,
+    ) -> Result<(), ChainError> {
         let RawChain {
             head,
             queue_size,
@@ -147,8 +193,6 @@ impl Chain {
             ..
         } = chain;
         let max_descriptors = rules.max_descriptors.min(queue_size);
-        let mut readable = Segments::default();
-        let mut writable = Segments::default();
         // The table being walked (the ring's, or an indirect one) and the next entry in it.
         let mut table = chain.table;
         let mut table_len = queue_size;
@@ -220,12 +264,12 @@ impl Chain {
                     return Err(ChainError::TooLong(max_bytes));
                 }
                 let target = if desc.is_write_only() {
-                    &mut writable
+                    &mut *writable
                 } else {
                     if !writable.segs.is_empty() {
                         return Err(ChainError::ReadAfterWrite);
                     }
-                    &mut readable
+                    &mut *readable
                 };
                 target.segs.push((addr, len));
                 target.len += u64::from(len);
@@ -235,11 +279,7 @@ impl Chain {
             }
             index = desc.next();
         }
-        Ok(Chain {
-            head,
-            readable,
-            writable,
-        })
+        Ok(())
     }
 }
 
@@ -257,8 +297,21 @@ impl Cursor<'_> {
         self.remaining
     }
 
-    /// Next contiguous piece of at most `max` bytes, advancing past it.
-    fn next_piece(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+    /// Move `n` bytes forward (fewer at the end of the segments); returns how many.
+    pub fn skip(&mut self, n: usize) -> usize {
+        let mut done = 0;
+        while done < n {
+            let Some((_, k)) = self.next_piece(n - done) else {
+                break;
+            };
+            done += k;
+        }
+        done
+    }
+
+    /// Next piece of at most `max` bytes that is contiguous in guest-physical addresses (it lies inside one
+    /// validated descriptor, but may span guest memory regions), advancing past it.
+    pub fn next_piece(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
         while let Some(&(addr, len)) = self.segs.get(self.idx) {
             let left = len.saturating_sub(self.off);
             if left == 0 {

@@ -1,14 +1,15 @@
 //! One vsock stream between a guest port and a host Unix-socket connection: its state machine and the
 //! credit-based flow control in both directions.
 //!
-//! Guest → host: we advertise `CONN_BUF_SIZE` of buffer; bytes the host socket does not take yet wait in
-//! `host_out` (bounded by that advertisement; a guest that sends beyond it is reset). `fwd_cnt` counts
-//! bytes actually written to the host socket. Every connection of a device adds its `host_out` to one
+//! Guest → host: we advertise `CONN_BUF_SIZE` of buffer. A packet's payload is written to the host socket
+//! straight from guest memory when nothing is queued before it; bytes the socket does not take yet are
+//! copied to `host_out` (bounded by that advertisement; a guest that sends beyond it is reset). `fwd_cnt`
+//! counts bytes actually written to the host socket. Every connection of a device adds its `host_out` to one
 //! shared [`HostBuffered`] total, which the device bounds across connections (back-pressure on its tx
 //! queue); a closed connection's unsent bytes are discarded at once.
 //!
-//! Host → guest: we read from the host socket only as much as the guest's credit
-//! (`peer_buf_alloc - (rx_cnt - peer_fwd_cnt)`) and the offered rx buffer allow, so nothing is ever
+//! Host → guest: we read from the host socket straight into the guest's rx buffer, only as much as the
+//! guest's credit (`peer_buf_alloc - (rx_cnt - peer_fwd_cnt)`) and that buffer allow, so nothing is ever
 //! buffered on this side; a slow guest leaves the data in the host socket and the host blocks.
 
 use std::collections::VecDeque;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::iov::{GuestBytes, TxPayload};
 use super::packet::*;
 
 /// Receive buffer we advertise to the guest, per connection.
@@ -286,26 +288,16 @@ impl Connection {
         }
     }
 
-    /// The next packet for the guest, with at most `max_payload` bytes of data put in `payload`.
-    pub fn next_packet(
-        &mut self,
-        guest_cid: u64,
-        max_payload: usize,
-        payload: &mut Vec<u8>,
-    ) -> Option<Header> {
-        payload.clear();
-        let hdr = self.next_packet_inner(guest_cid, max_payload, payload)?;
+    /// The next packet for the guest; data goes straight into `payload` (at most its length), and the
+    /// header's `len` says how much.
+    pub fn next_packet(&mut self, guest_cid: u64, payload: &GuestBytes) -> Option<Header> {
+        let hdr = self.next_packet_inner(guest_cid, payload)?;
         self.last_fwd_cnt_sent = self.fwd_cnt;
         self.pending_credit_update = false;
         Some(hdr)
     }
 
-    fn next_packet_inner(
-        &mut self,
-        guest_cid: u64,
-        max_payload: usize,
-        payload: &mut Vec<u8>,
-    ) -> Option<Header> {
+    fn next_packet_inner(&mut self, guest_cid: u64, payload: &GuestBytes) -> Option<Header> {
         if self.pending_rst {
             self.pending_rst = false;
             self.set_closed();
@@ -327,13 +319,11 @@ impl Connection {
             return Some(self.header(guest_cid, OP_RESPONSE));
         }
         if self.can_forward_host_data() && self.host_readable {
-            let n = (self.peer_credit() as usize).min(max_payload);
+            let n = (self.peer_credit() as usize).min(payload.len());
             if n > 0 {
-                payload.resize(n, 0);
                 loop {
-                    match self.stream.read(&mut payload[..n]) {
+                    match payload.recv_from(&self.stream, n) {
                         Ok(0) => {
-                            payload.clear();
                             self.host_eof = true;
                             self.host_readable = false;
                             let mut flags = SHUTDOWN_SEND;
@@ -344,7 +334,6 @@ impl Connection {
                             break;
                         }
                         Ok(k) => {
-                            payload.truncate(k);
                             self.rx_cnt += Wrapping(k as u32);
                             let mut h = self.header(guest_cid, OP_RW);
                             h.len = k as u32;
@@ -352,13 +341,11 @@ impl Connection {
                         }
                         Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            payload.clear();
                             self.host_readable = false;
                             break;
                         }
                         Err(e) => {
                             crate::guest_warn!(error = %e, port = self.local_port, "vsock: host read failed; reset");
-                            payload.clear();
                             self.set_closed();
                             return Some(self.header(guest_cid, OP_RST));
                         }
@@ -383,7 +370,7 @@ impl Connection {
 
     /// A packet from the guest for this connection. Returns false if the packet violated the protocol
     /// (the connection is then reset).
-    pub fn on_guest_packet(&mut self, hdr: &Header, payload: &[u8]) -> bool {
+    pub fn on_guest_packet<P: TxPayload + ?Sized>(&mut self, hdr: &Header, payload: &P) -> bool {
         if hdr.op == OP_RST {
             if self.state == State::Established && self.shut_sent == 0 && self.guest_shut == 0 {
                 // Worth a line: an established stream the guest resets without a shutdown first.
@@ -434,8 +421,7 @@ impl Connection {
                     self.reset();
                     return false;
                 }
-                self.queue_for_host(payload);
-                self.flush_host();
+                self.send_guest_data(payload);
             }
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => self.pending_credit_update = true,
@@ -454,6 +440,43 @@ impl Connection {
             }
         }
         true
+    }
+
+    /// Guest data for the host: straight from guest memory to the socket if nothing is queued before it,
+    /// then whatever the socket did not take into `host_out` (the caller checked the credit).
+    fn send_guest_data<P: TxPayload + ?Sized>(&mut self, payload: &P) {
+        let len = payload.len();
+        let mut done = 0;
+        if self.host_out.is_empty() {
+            while self.host_writable && done < len {
+                match payload.send_to(&self.stream, done) {
+                    Ok(0) => {
+                        self.reset();
+                        return;
+                    }
+                    Ok(n) => {
+                        done += n;
+                        self.fwd_cnt += Wrapping(n as u32);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => self.host_writable = false,
+                    Err(e) => {
+                        crate::guest_warn!(error = %e, port = self.local_port, "vsock: host write failed; reset");
+                        self.reset();
+                        return;
+                    }
+                }
+            }
+        }
+        if done < len {
+            if let Err(e) = payload.append_to(done, &mut self.host_out) {
+                crate::guest_warn!(error = %e, port = self.local_port, "vsock: cannot queue guest data; reset");
+                self.reset();
+                return;
+            }
+            self.buffered.add(len - done);
+        }
+        self.flush_host();
     }
 
     /// Write queued guest bytes to the host socket as far as it takes them.
@@ -574,9 +597,9 @@ mod tests {
             buf_alloc: 1 << 20,
             ..Default::default()
         };
-        assert!(c1.on_guest_packet(&rw(1000), &[1; 1000]));
-        assert!(c2.on_guest_packet(&rw(500), &[2; 500]));
-        assert!(c3.on_guest_packet(&rw(10), &[3; 10]));
+        assert!(c1.on_guest_packet(&rw(1000), &[1u8; 1000][..]));
+        assert!(c2.on_guest_packet(&rw(500), &[2u8; 500][..]));
+        assert!(c3.on_guest_packet(&rw(10), &[3u8; 10][..]));
         assert_eq!((c1.host_queued(), total.get()), (1000, 1510));
         // A reset discards what the host will never get.
         c1.reset();

@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{self, Muxer};
 use super::{
-    bind_listener, DeviceQueue, GuestMemoryMmap, VirtioInterrupt, VsockWorker, MAX_PKT_PAYLOAD,
-    QUEUE_SIZES, TOKEN_QUEUE_BASE,
+    bind_listener, DeviceQueue, GuestMemoryMmap, VirtioInterrupt, VsockWorker, QUEUE_SIZES,
+    TOKEN_QUEUE_BASE,
 };
 
 pub struct VsockHarness {
@@ -45,17 +45,16 @@ impl VsockHarness {
             super::connection::HostBuffered::default(),
         )?;
         Ok(Self {
-            worker: VsockWorker {
+            worker: VsockWorker::new(
                 mem,
-                interrupt: Arc::new(VirtioInterrupt::new()?),
-                queues: queues
+                Arc::new(VirtioInterrupt::new()?),
+                queues
                     .into_iter()
                     .map(|(q, e)| DeviceQueue::new(q, e))
                     .collect(),
                 muxer,
-                payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
-                host_buffer_limit: super::MAX_HOST_BUFFERED,
-            },
+                super::MAX_HOST_BUFFERED,
+            ),
             kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
             uds_path: uds_path.to_path_buf(),
         })

@@ -3,6 +3,8 @@
 //! - `packet`: the wire header.
 //! - `connection`: one stream's state machine and credit accounting.
 //! - `muxer`: the Unix listener, host connections, routing of guest packets.
+//! - `iov`: payload I/O between guest memory and host sockets (`sendmsg`/`recvmsg` over the descriptors'
+//!   guest memory, no intermediate buffer).
 //! - this module: the [`VirtioDevice`] and its worker thread (epoll over the queue eventfds, the listener
 //!   and every connection).
 //!
@@ -14,6 +16,7 @@
 mod connection;
 #[cfg(feature = "fuzzing")]
 pub(super) mod fuzz;
+mod iov;
 mod muxer;
 mod packet;
 #[cfg(test)]
@@ -31,11 +34,12 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{Chain, DeviceQueue, RawChain};
+use super::chain::{Chain, DeviceQueue, RawChain, Segments};
 use super::worker::{stop_requested, ThreadKind, Worker};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::GuestMemoryMmap;
 use connection::HostBuffered;
+use iov::GuestBytes;
 use muxer::Muxer;
 use packet::{Header, HDR_LEN};
 
@@ -55,6 +59,9 @@ pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 pub const MAX_HOST_BUFFERED: usize = 8 << 20;
 /// Largest descriptor chain accepted (header + payload + slack for driver padding).
 const MAX_CHAIN_BYTES: u64 = (MAX_PKT_PAYLOAD + HDR_LEN + 4096) as u64;
+
+/// The kill eventfd is read (a syscall) before the first chain of a batch and then every this many.
+const STOP_CHECK_EVERY: usize = 16;
 
 const TOKEN_KILL: u64 = 0;
 const TOKEN_QUEUE_BASE: u64 = 1; // 1, 2, 3 = rx, tx, event
@@ -229,14 +236,7 @@ impl VirtioDevice for Vsock {
             epoll,
             self.host_buffered.clone(),
         )?;
-        let worker = VsockWorker {
-            mem,
-            interrupt,
-            queues,
-            muxer,
-            payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
-            host_buffer_limit: self.host_buffer_limit,
-        };
+        let worker = VsockWorker::new(mem, interrupt, queues, muxer, self.host_buffer_limit);
         self.worker = Some(Worker::spawn(
             "capsa-vsock",
             ThreadKind::Vsock,
@@ -257,11 +257,41 @@ struct VsockWorker {
     interrupt: Arc<VirtioInterrupt>,
     queues: Vec<DeviceQueue>,
     muxer: Muxer,
-    payload: Vec<u8>,
+    /// The chain being served on each queue, kept so its segment lists are reused (no allocation per
+    /// packet). Payload bytes never leave guest memory on their way to or from a host socket, except what a
+    /// socket does not take yet.
+    tx_chain: Chain,
+    rx_chain: Chain,
     host_buffer_limit: usize,
 }
 
+fn empty_chain() -> Chain {
+    Chain {
+        head: 0,
+        readable: Segments::default(),
+        writable: Segments::default(),
+    }
+}
+
 impl VsockWorker {
+    fn new(
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<DeviceQueue>,
+        muxer: Muxer,
+        host_buffer_limit: usize,
+    ) -> Self {
+        Self {
+            mem,
+            interrupt,
+            queues,
+            muxer,
+            tx_chain: empty_chain(),
+            rx_chain: empty_chain(),
+            host_buffer_limit,
+        }
+    }
+
     /// Serve until `kill` fires; returns the listener for the next activation.
     fn run(mut self, kill: EventFd) -> Option<UnixListener> {
         if let Err(e) = self.muxer.epoll().ctl(
@@ -313,12 +343,13 @@ impl VsockWorker {
 
     /// Take the packets the guest queued, as long as one more cannot push the bytes buffered for host
     /// peers over the limit; the rest wait in the queue until host peers read (the loop calls us again
-    /// after every socket event). Breaks when the worker is told to stop (checked between chains).
+    /// after every socket event). Breaks when the worker is told to stop (checked before the first chain
+    /// and then every [`STOP_CHECK_EVERY`] chains).
     fn process_tx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
         let mut hdr_buf = [0u8; HDR_LEN];
-        loop {
-            if stop_requested(kill) {
+        for n in 0usize.. {
+            if n % STOP_CHECK_EVERY == 0 && stop_requested(kill) {
                 return ControlFlow::Break(());
             }
             if self.muxer.host_buffered() + MAX_PKT_PAYLOAD > self.host_buffer_limit {
@@ -332,8 +363,8 @@ impl VsockWorker {
                 return ControlFlow::Continue(());
             };
             let head = chain.head_index();
-            match parse_tx(mem, chain, &mut hdr_buf, &mut self.payload) {
-                Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.payload),
+            match parse_tx(mem, chain, &mut self.tx_chain, &mut hdr_buf) {
+                Ok((hdr, payload)) => self.muxer.on_guest_packet(&hdr, &payload),
                 Err(TxError::Chain(e)) => {
                     crate::guest_warn!(error = %e, head, "vsock: bad tx descriptor chain")
                 }
@@ -346,47 +377,49 @@ impl VsockWorker {
             }
             self.queues[TXQ].add_used(mem, head, 0);
         }
+        ControlFlow::Continue(())
     }
 
     /// Fill rx buffers with whatever the host side has for the guest. Breaks when the worker is told to
-    /// stop (checked between chains).
+    /// stop (checked as in [`Self::process_tx`]).
     fn process_rx(&mut self, kill: &EventFd) -> ControlFlow<()> {
         let mem = &self.mem;
+        let mut n = 0usize;
         while self.muxer.has_rx() {
-            if stop_requested(kill) {
+            n += 1;
+            if n % STOP_CHECK_EVERY == 1 && stop_requested(kill) {
                 return ControlFlow::Break(());
             }
             let Some(chain) = self.queues[RXQ].pop(mem) else {
                 break;
             };
             let head = chain.head_index();
-            let chain = match Chain::parse(mem, chain, MAX_CHAIN_BYTES) {
-                Ok(c) => c,
-                Err(e) => {
-                    crate::guest_warn!(error = %e, head, "vsock: bad rx descriptor chain");
-                    self.queues[RXQ].add_used(mem, head, 0);
-                    continue;
-                }
-            };
+            if let Err(e) = self.rx_chain.parse_into(mem, chain, MAX_CHAIN_BYTES) {
+                crate::guest_warn!(error = %e, head, "vsock: bad rx descriptor chain");
+                self.queues[RXQ].add_used(mem, head, 0);
+                continue;
+            }
+            let chain = &self.rx_chain;
             if !chain.readable.is_empty() || chain.writable.len() < HDR_LEN as u64 {
                 crate::guest_warn!(head, "vsock: rx buffer not device-writable or too small");
                 self.queues[RXQ].add_used(mem, head, 0);
                 continue;
             }
             let room = (chain.writable.len() as usize - HDR_LEN).min(MAX_PKT_PAYLOAD);
-            let Some(mut hdr) = self.muxer.next_rx(room, &mut self.payload) else {
+            let mut data = chain.writable.cursor();
+            data.skip(HDR_LEN);
+            let payload = GuestBytes::new(mem, data, room);
+            // Data is read from the host socket straight into the buffer, after the header's place.
+            let Some(hdr) = self.muxer.next_rx(&payload) else {
                 self.queues[RXQ].undo_pop();
                 break;
             };
-            hdr.len = self.payload.len() as u32;
-            let mut cur = chain.writable.cursor();
-            let written = cur
-                .write(mem, &hdr.to_bytes())
-                .and_then(|a| Ok(a + cur.write(mem, &self.payload)?));
-            match written {
-                Ok(n) => self.queues[RXQ].add_used(mem, head, n as u32),
-                Err(e) => {
-                    crate::guest_error!(error = %e, "vsock: cannot write rx buffer");
+            match chain.writable.cursor().write(mem, &hdr.to_bytes()) {
+                Ok(HDR_LEN) => {
+                    self.queues[RXQ].add_used(mem, head, HDR_LEN as u32 + hdr.len);
+                }
+                Ok(_) | Err(_) => {
+                    crate::guest_error!(head, "vsock: cannot write rx buffer");
                     self.queues[RXQ].add_used(mem, head, 0);
                 }
             }
@@ -400,14 +433,17 @@ enum TxError {
     Packet(&'static str, Option<Header>),
 }
 
-fn parse_tx(
-    mem: &GuestMemoryMmap,
-    chain: RawChain,
+/// Validate a tx chain (into `chain`, reused) and read its header; the payload stays in guest memory.
+fn parse_tx<'a>(
+    mem: &'a GuestMemoryMmap,
+    raw: RawChain,
+    chain: &'a mut Chain,
     hdr_buf: &mut [u8; HDR_LEN],
-    payload: &mut Vec<u8>,
-) -> Result<Header, TxError> {
-    payload.clear();
-    let chain = Chain::parse(mem, chain, MAX_CHAIN_BYTES).map_err(TxError::Chain)?;
+) -> Result<(Header, GuestBytes<'a>), TxError> {
+    chain
+        .parse_into(mem, raw, MAX_CHAIN_BYTES)
+        .map_err(TxError::Chain)?;
+    let chain: &'a Chain = chain;
     if !chain.writable.is_empty() {
         return Err(TxError::Packet(
             "device-writable descriptor in tx chain",
@@ -430,9 +466,5 @@ fn parse_tx(
     if len > 0 && hdr.op != packet::OP_RW {
         return Err(TxError::Packet("payload on a control packet", Some(hdr)));
     }
-    payload.resize(len, 0);
-    match cur.read(mem, payload) {
-        Ok(n) if n == len => Ok(hdr),
-        _ => Err(TxError::Packet("cannot read payload", Some(hdr))),
-    }
+    Ok((hdr, GuestBytes::new(mem, cur, len)))
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{Connection, Handshake, HostBuffered, State};
+use super::iov::{GuestBytes, TxPayload};
 use super::packet::*;
 
 /// Most simultaneous connections (host- and guest-initiated together).
@@ -289,7 +290,7 @@ impl Muxer {
     }
 
     /// A packet the guest put on the tx queue.
-    pub fn on_guest_packet(&mut self, hdr: &Header, payload: &[u8]) {
+    pub fn on_guest_packet<P: TxPayload + ?Sized>(&mut self, hdr: &Header, payload: &P) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             tracing::debug!(
                 src = hdr.src_cid,
@@ -357,9 +358,8 @@ impl Muxer {
         !self.rst_queue.is_empty() || !self.rx_ready.is_empty()
     }
 
-    /// The next packet for the guest, with at most `max_payload` bytes put in `payload`.
-    pub fn next_rx(&mut self, max_payload: usize, payload: &mut Vec<u8>) -> Option<Header> {
-        payload.clear();
+    /// The next packet for the guest; its data (header `len` bytes) is read straight into `payload`.
+    pub fn next_rx(&mut self, payload: &GuestBytes) -> Option<Header> {
         if let Some(h) = self.rst_queue.pop_front() {
             return Some(h);
         }
@@ -373,7 +373,7 @@ impl Muxer {
                 continue;
             };
             c.scheduled = false;
-            let pkt = c.next_packet(self.guest_cid, max_payload, payload);
+            let pkt = c.next_packet(self.guest_cid, payload);
             if pkt.is_some() && c.closing_with_host_gone() && c.deadline.is_none() {
                 c.deadline = Some(Instant::now() + CLOSE_TIMEOUT);
             }
