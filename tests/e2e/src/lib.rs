@@ -12,6 +12,7 @@ use capsa_runtime::vm::VmConfig;
 
 pub mod cni;
 pub mod cri;
+pub mod leaks;
 pub mod netbench;
 pub mod smaps;
 
