@@ -18,12 +18,18 @@ pub struct LeakSnapshot {
     pub sandbox_dirs: Vec<String>,
     /// Bound Unix sockets below the test's directory or containerd's shim socket directory.
     pub sockets: Vec<String>,
-    /// cgroup directories (up to three levels below /sys/fs/cgroup).
+    /// cgroup directories (up to three levels below /sys/fs/cgroup), but the shared parents
+    /// ([`SHARED_CGROUP_PARENTS`]).
     pub cgroups: Vec<String>,
 }
 
 /// Where containerd 1.6 shims (capsa's too) bind their task sockets.
 const SHIM_SOCKETS: &str = "/run/containerd/s/";
+
+/// cgroup directories that stay by design once created: capsa's own parent (`capsa/<sandbox>` lives in it)
+/// and the per-namespace parents containerd's cgroupsPath uses (`/default/<id>`, `/k8s.io/<id>`), which runc
+/// leaves too. What is below them is counted.
+pub const SHARED_CGROUP_PARENTS: [&str; 3] = ["capsa", "default", "k8s.io"];
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -50,7 +56,9 @@ fn cgroup_dirs(dir: &Path, depth: u32, out: &mut Vec<String>) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             let p = e.path();
-            out.push(p.to_string_lossy().into_owned());
+            if !SHARED_CGROUP_PARENTS.contains(&e.file_name().to_string_lossy().as_ref()) {
+                out.push(p.to_string_lossy().into_owned());
+            }
             cgroup_dirs(&p, depth - 1, out);
         }
     }
