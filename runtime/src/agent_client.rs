@@ -98,6 +98,20 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// The agent did not answer in time (as opposed to answering with an error or a broken connection).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            AgentError::Timeout { .. } => true,
+            AgentError::Rpc {
+                source: ttrpc::Error::Others(m),
+                ..
+            } => m.contains("deadline elapsed"),
+            _ => false,
+        }
+    }
+}
+
 /// Facts the agent reports about its guest (a plain copy of `GuestDetailsResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GuestDetails {

@@ -1086,22 +1086,38 @@ impl Vm {
             tracing::error!(sandbox = %self.id, "stopping a VM whose VMM is gone: {ended}");
         }
         self.exit_watch.stopping.store(true, Ordering::Release);
-        let destroy_error =
+        let (destroy_error, hung) =
             match tokio::time::timeout(self.stop_timeout, self.agent.destroy_sandbox()).await {
-                Ok(Ok(())) => None,
+                Ok(Ok(())) => (None, false),
                 // The guest may go down before the reply is read: not an error if the VMM exits.
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!(
-                    "DestroySandbox timed out after {:?}",
-                    self.stop_timeout
-                )),
+                Ok(Err(e)) => (Some(e.to_string()), e.is_timeout()),
+                Err(_) => (
+                    Some(format!(
+                        "DestroySandbox timed out after {:?}",
+                        self.stop_timeout
+                    )),
+                    true,
+                ),
             };
         if let Some(e) = &destroy_error {
             tracing::debug!(sandbox = %self.id, error = %e, "DestroySandbox did not answer");
         }
         let mut path = StopPath::Clean;
-        let status = match tokio::time::timeout(self.stop_timeout, child.wait()).await {
+        // A guest that did not answer at all will not power itself off, and a frozen VMM does not act on
+        // SIGTERM: SIGKILL at once, so a stop is bounded by one stop_timeout.
+        let wait_first = if hung && child.try_wait().ok().flatten().is_none() {
+            Duration::ZERO
+        } else {
+            self.stop_timeout
+        };
+        let status = match tokio::time::timeout(wait_first, child.wait()).await {
             Ok(r) => r.map_err(VmError::Wait)?,
+            Err(_) if hung => {
+                tracing::warn!(sandbox = %self.id, "the agent did not answer DestroySandbox: SIGKILL");
+                path = StopPath::Killed;
+                child.kill().await.map_err(VmError::Wait)?;
+                child.wait().await.map_err(VmError::Wait)?
+            }
             Err(_) => {
                 tracing::warn!(sandbox = %self.id, "VMM still running after DestroySandbox: SIGTERM");
                 path = StopPath::Terminated;

@@ -21,6 +21,8 @@
 //! boot_timeout_secs = 60                  # VMM start → agent answers; the error shows the console's tail
 //! virtiofsd_timeout_secs = 20             # virtiofsd start → its socket exists
 //! stop_timeout_secs = 10                  # each step of a VM stop (DestroySandbox, SIGTERM, then SIGKILL)
+//! rpc_timeout_secs = 30                   # deadline of every agent call but waits and output reads; a
+//!                                         # SIGKILL (or delete) the agent does not answer in time kills the VM
 //!
 //! [runtime]
 //! log_level = "info"
@@ -48,6 +50,9 @@ pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_VIRTIOFSD_TIMEOUT_SECS: u64 = 20;
 /// Default `stop_timeout_secs`.
 pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
+/// Default `rpc_timeout_secs`: an agent call (CreateContainer with its mounts, StartContainer) on a busy
+/// 2-core node takes seconds, not tens of them; a guest that does not answer in 30 s is treated as hung.
+pub const DEFAULT_RPC_TIMEOUT_SECS: u64 = 30;
 
 /// Where the shim and `capsa run` look for the configuration unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsa/configuration.toml";
@@ -121,6 +126,10 @@ pub struct HypervisorConfig {
     pub virtiofsd_timeout_secs: u64,
     /// Seconds for each step of stopping a VM (DestroySandbox, then after SIGTERM).
     pub stop_timeout_secs: u64,
+    /// Deadline in seconds of each agent call except the open-ended ones (WaitProcess, output reads,
+    /// GetOOMEvent). A SIGKILL of a task or a container delete the agent does not answer within it kills
+    /// the VM, so kill, delete and shutdown never hang on a frozen guest.
+    pub rpc_timeout_secs: u64,
 }
 
 /// How a container's root file system reaches the guest.
@@ -166,6 +175,11 @@ impl HypervisorConfig {
         }
     }
 
+    /// Deadline of one agent call (`rpc_timeout_secs`).
+    pub fn rpc_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.rpc_timeout_secs)
+    }
+
     /// The root file system mode to use and, for virtio-fs, the virtiofsd binary. An explicit
     /// `rootfs_mode = "virtio-fs"` without virtiofsd is an error; unset falls back to block.
     pub fn resolve_rootfs_mode(&self) -> Result<(RootfsMode, Option<PathBuf>), ConfigError> {
@@ -203,6 +217,7 @@ impl Default for HypervisorConfig {
             boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
             virtiofsd_timeout_secs: DEFAULT_VIRTIOFSD_TIMEOUT_SECS,
             stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
+            rpc_timeout_secs: DEFAULT_RPC_TIMEOUT_SECS,
         }
     }
 }
@@ -299,6 +314,7 @@ impl CapsaConfig {
             ("boot_timeout_secs", h.boot_timeout_secs),
             ("virtiofsd_timeout_secs", h.virtiofsd_timeout_secs),
             ("stop_timeout_secs", h.stop_timeout_secs),
+            ("rpc_timeout_secs", h.rpc_timeout_secs),
         ] {
             if !(1..=3600).contains(&v) {
                 return Err(ConfigError::Invalid(format!(
@@ -817,7 +833,7 @@ mod tests {
     fn timeouts_are_configurable_and_bounded() {
         let path = Path::new("/etc/capsa/configuration.toml");
         let cfg = CapsaConfig::from_toml(
-            "[hypervisor]\nboot_timeout_secs = 90\nvirtiofsd_timeout_secs = 7\nstop_timeout_secs = 3\n",
+            "[hypervisor]\nboot_timeout_secs = 90\nvirtiofsd_timeout_secs = 7\nstop_timeout_secs = 3\nrpc_timeout_secs = 4\n",
             path,
         )
         .unwrap();
@@ -830,14 +846,32 @@ mod tests {
             vm.shared_fs.unwrap().start_timeout,
             std::time::Duration::from_secs(7)
         );
+        assert_eq!(
+            cfg.hypervisor.rpc_timeout(),
+            std::time::Duration::from_secs(4)
+        );
         let d = CapsaConfig::default().hypervisor;
         assert_eq!(
-            (d.boot_timeout_secs, d.virtiofsd_timeout_secs),
-            (DEFAULT_BOOT_TIMEOUT_SECS, DEFAULT_VIRTIOFSD_TIMEOUT_SECS)
+            (
+                d.boot_timeout_secs,
+                d.virtiofsd_timeout_secs,
+                d.rpc_timeout_secs
+            ),
+            (
+                DEFAULT_BOOT_TIMEOUT_SECS,
+                DEFAULT_VIRTIOFSD_TIMEOUT_SECS,
+                DEFAULT_RPC_TIMEOUT_SECS
+            )
         );
-        let e = CapsaConfig::from_toml("[hypervisor]\nboot_timeout_secs = 0\n", path)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("boot_timeout_secs = 0"), "{e}");
+        for bad in [
+            "boot_timeout_secs = 0",
+            "rpc_timeout_secs = 0",
+            "rpc_timeout_secs = 3601",
+        ] {
+            let e = CapsaConfig::from_toml(&format!("[hypervisor]\n{bad}\n"), path)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(bad), "{e}");
+        }
     }
 }

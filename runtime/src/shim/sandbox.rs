@@ -22,6 +22,10 @@ pub enum SandboxError {
     /// The VM (or its agent connection) is gone: every process in it is dead.
     #[error("sandbox VM is gone: {0}")]
     VmGone(String),
+    /// The agent did not answer within the call's deadline (`hypervisor.rpc_timeout_secs`): the guest is
+    /// hung or overloaded. The VM may still run.
+    #[error("{0}")]
+    Unresponsive(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -135,6 +139,10 @@ pub trait Sandbox: Send + Sync + 'static {
     async fn next_oom_event(&self) -> Result<String, SandboxError>;
     /// Pid of the VMM process on the host (what containerd shows as the shim's task pid).
     fn host_pid(&self) -> u32;
+    /// Kills the VM at once (SIGKILL of the VMM, no word to the guest) because `reason`, and waits a
+    /// bounded time for it to be gone: for a guest that no longer answers. Every process in it then ends
+    /// as [`VM_GONE_EXIT_STATUS`]; [`shutdown`](Self::shutdown) still cleans up the host side.
+    async fn kill_vm(&self, reason: &str);
     /// Powers the VM off and removes everything it had on the host.
     async fn shutdown(&self) -> Result<(), SandboxError>;
 }

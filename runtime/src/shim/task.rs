@@ -32,6 +32,9 @@ use super::sandbox::{
 };
 use super::stdio::{Bridge, StdioConfig};
 
+/// The signal that must end a task whatever the guest does.
+const SIGKILL: u32 = 9;
+
 /// How long an exited process's output may keep flowing before its exit is reported anyway.
 pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Type URL containerd 1.6 decodes container metrics from.
@@ -56,6 +59,7 @@ impl From<SandboxError> for ttrpc::Error {
             SandboxError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             SandboxError::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             SandboxError::VmGone(_) => ttrpc::Code::UNAVAILABLE,
+            SandboxError::Unresponsive(_) => ttrpc::Code::DEADLINE_EXCEEDED,
             SandboxError::Internal(_) => ttrpc::Code::INTERNAL,
         };
         status(code, e.to_string())
@@ -148,6 +152,8 @@ struct Proc {
     /// OCI Process JSON of an exec, kept until Start.
     exec_spec: Option<Vec<u8>>,
     exit: watch::Sender<Option<ExitInfo>>,
+    /// Set by the first [`TaskService::finish`]: its exit event is on the way (one event per process).
+    finishing: bool,
     close_stdin: Option<Arc<Notify>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
@@ -164,6 +170,7 @@ impl Proc {
             stderr: req_io[2].to_owned(),
             exec_spec: None,
             exit: watch::channel(None).0,
+            finishing: false,
             close_stdin: None,
             watcher: None,
         }
@@ -351,11 +358,16 @@ impl TaskService {
     }
 
     /// Publishes TaskExit, then marks the process stopped and wakes its waiters.
+    /// Only the first call for a process reports; later ones (a watcher after a kill that gave up on
+    /// the VM) do nothing.
     async fn finish(&self, cid: &str, exec_id: &str, mut exit: ExitInfo) {
         let pid = {
-            let map = self.lock();
-            match map.get(cid).and_then(|c| c.proc(exec_id)) {
-                Some(p) if p.exited().is_none() => p.pid,
+            let mut map = self.lock();
+            match map.get_mut(cid).and_then(|c| c.proc_mut(exec_id)) {
+                Some(p) if p.exited().is_none() && !p.finishing => {
+                    p.finishing = true;
+                    p.pid
+                }
                 _ => return,
             }
         };
@@ -690,6 +702,20 @@ impl Task for TaskService {
         if let Ok(sb) = self.sandbox().await {
             match sb.remove_container(cid).await {
                 Ok(()) | Err(SandboxError::NotFound(_)) | Err(SandboxError::VmGone(_)) => {}
+                // The container has stopped but the guest cannot remove it: a hung guest must not keep
+                // containerd from deleting the task. The VM goes, then so does the container's share.
+                Err(SandboxError::Unresponsive(why)) => {
+                    sb.kill_vm(&format!(
+                        "the agent did not answer the delete of container {cid} ({why})"
+                    ))
+                    .await;
+                    match sb.remove_container(cid).await {
+                        Ok(()) | Err(SandboxError::NotFound(_)) | Err(SandboxError::VmGone(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(container = %cid, error = %e, "remove after killing the VM")
+                        }
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -917,6 +943,27 @@ impl Task for TaskService {
             Ok(()) => {}
             Err(SandboxError::NotFound(_)) | Err(SandboxError::VmGone(_))
                 if state == Status::CREATED => {}
+            // The guest is gone: the exit watcher reports the process (137) by itself.
+            Err(SandboxError::VmGone(_)) if req.signal == SIGKILL => {}
+            // A SIGKILL of a task must end it: a guest that cannot even take that is hung, and killing
+            // the VM is the only way left.
+            Err(SandboxError::Unresponsive(why)) if req.signal == SIGKILL && eid.is_empty() => {
+                sb.kill_vm(&format!(
+                    "the agent did not answer SIGKILL of container {cid} ({why}); every task of the sandbox exits {VM_GONE_EXIT_STATUS}"
+                ))
+                .await;
+                self.finish(
+                    cid,
+                    eid,
+                    ExitInfo {
+                        status: VM_GONE_EXIT_STATUS,
+                        exited_at_unix_ns: now_ns(),
+                        pid,
+                    },
+                )
+                .await;
+                return Ok(api::Empty::new());
+            }
             Err(e) => return Err(e.into()),
         }
         if state == Status::CREATED {

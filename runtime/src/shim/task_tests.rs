@@ -24,6 +24,10 @@ struct FakeSandbox {
     gone: std::sync::atomic::AtomicBool,
     signals: Mutex<Vec<(String, String, u32, bool)>>,
     calls: Mutex<Vec<String>>,
+    /// The agent answers nothing (until the VM is killed).
+    hung: std::sync::atomic::AtomicBool,
+    /// Reasons given to kill_vm.
+    vm_kills: Mutex<Vec<String>>,
 }
 
 impl FakeSandbox {
@@ -48,6 +52,17 @@ impl FakeSandbox {
     fn gone(&self) -> Result<(), SandboxError> {
         if self.gone.load(Ordering::SeqCst) {
             Err(SandboxError::VmGone("fake VM died".into()))
+        } else {
+            Ok(())
+        }
+    }
+    /// What a call gets from a guest that is gone or hung.
+    fn answer(&self) -> Result<(), SandboxError> {
+        self.gone()?;
+        if self.hung.load(Ordering::SeqCst) {
+            Err(SandboxError::Unresponsive(
+                "no answer from the fake agent within 1 s".into(),
+            ))
         } else {
             Ok(())
         }
@@ -79,6 +94,9 @@ impl Sandbox for FakeSandbox {
     }
     async fn remove_container(&self, cid: &str) -> Result<(), SandboxError> {
         self.calls.lock().unwrap().push(format!("remove {cid}"));
+        if self.hung.load(Ordering::SeqCst) {
+            self.answer()?;
+        }
         self.procs.lock().unwrap().retain(|(c, _), _| c != cid);
         Ok(())
     }
@@ -98,7 +116,7 @@ impl Sandbox for FakeSandbox {
         sig: u32,
         all: bool,
     ) -> Result<(), SandboxError> {
-        self.gone()?;
+        self.answer()?;
         self.signals
             .lock()
             .unwrap()
@@ -222,6 +240,11 @@ impl Sandbox for FakeSandbox {
     }
     fn host_pid(&self) -> u32 {
         4242
+    }
+    async fn kill_vm(&self, reason: &str) {
+        self.vm_kills.lock().unwrap().push(reason.to_owned());
+        self.gone.store(true, Ordering::SeqCst);
+        self.exited.notify_waiters();
     }
     async fn shutdown(&self) -> Result<(), SandboxError> {
         self.shut_down.fetch_add(1, Ordering::SeqCst);
@@ -728,6 +751,82 @@ async fn a_dead_vm_ends_every_task_with_an_exit_event() {
     // Delete still works and cleans up.
     h.delete("c1", "").await.unwrap();
     assert!(h.svc.is_empty());
+}
+
+fn kill_req(id: &str, signal: u32) -> api::KillRequest {
+    api::KillRequest {
+        id: id.into(),
+        signal,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sigkill_that_a_hung_guest_does_not_answer_kills_the_vm_and_ends_the_task() {
+    let h = harness();
+    h.create("c1", "").await.unwrap();
+    h.start("c1", "").await.unwrap();
+    let sb = h.factory.sandbox.clone();
+    sb.hung.store(true, Ordering::SeqCst);
+    // Another signal is only reported as not delivered: the VM stays, the task runs.
+    let e = h.svc.kill(&ctx(), kill_req("c1", 15)).await.unwrap_err();
+    assert_eq!(code(e), ttrpc::Code::DEADLINE_EXCEEDED);
+    assert!(sb.vm_kills.lock().unwrap().is_empty());
+    assert_eq!(
+        h.state("c1", "").await.status.enum_value(),
+        Ok(Status::RUNNING)
+    );
+    // SIGKILL ends it: the VM is killed, the task exits 137, once.
+    h.svc.kill(&ctx(), kill_req("c1", 9)).await.unwrap();
+    let kills = sb.vm_kills.lock().unwrap().clone();
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert!(
+        kills[0].contains("SIGKILL of container c1") && kills[0].contains("no answer"),
+        "{kills:?}"
+    );
+    assert_eq!(h.wait("c1", "").await.exit_status, VM_GONE_EXIT_STATUS);
+    h.delete("c1", "").await.unwrap();
+    assert!(h.svc.is_empty());
+    assert_eq!(
+        h.events.topics(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    h.svc
+        .shutdown(&ctx(), api::ShutdownRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(sb.shut_down.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn delete_that_a_hung_guest_does_not_answer_kills_the_vm_and_succeeds() {
+    let h = harness();
+    h.create("c1", "").await.unwrap();
+    h.start("c1", "").await.unwrap();
+    let sb = h.factory.sandbox.clone();
+    sb.set_exit("c1", "", 0);
+    assert_eq!(h.wait("c1", "").await.exit_status, 0);
+    sb.hung.store(true, Ordering::SeqCst);
+    h.delete("c1", "").await.unwrap();
+    let kills = sb.vm_kills.lock().unwrap().clone();
+    assert!(
+        kills.len() == 1 && kills[0].contains("delete of container c1"),
+        "{kills:?}"
+    );
+    assert!(h.svc.is_empty());
+    assert!(h
+        .mounter
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.starts_with("unmount ")));
+    assert_eq!(h.events.topics().last(), Some(&"/tasks/delete"));
 }
 
 #[tokio::test]

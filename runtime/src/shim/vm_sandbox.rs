@@ -41,8 +41,15 @@ pub fn guest_rootfs(cid: &str) -> String {
 /// File name of the rootfs image inside the bundle (containerd removes the bundle on delete).
 pub const ROOTFS_IMAGE: &str = "capsa-rootfs.ext4";
 
-/// Deadline of the short agent calls; stream reads and waits have none.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slack on top of an agent call's deadline for the outer timer, which also bounds a send that cannot
+/// complete (a frozen VMM that stopped reading its socket).
+const OUTER_MARGIN: Duration = Duration::from_secs(1);
+/// How long [`VmSandbox::kill_vm`] waits for a SIGKILLed VMM to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+fn is_deadline(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::Others(m) if m.contains("deadline elapsed"))
+}
 
 fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
     match e {
@@ -54,20 +61,43 @@ fn map_err(what: &str, e: ttrpc::Error) -> SandboxError {
                 ttrpc::Code::FAILED_PRECONDITION => SandboxError::FailedPrecondition(msg),
                 ttrpc::Code::INVALID_ARGUMENT => SandboxError::InvalidArgument(msg),
                 ttrpc::Code::UNIMPLEMENTED => SandboxError::Unimplemented(msg),
-                ttrpc::Code::DEADLINE_EXCEEDED => SandboxError::Internal(msg),
+                ttrpc::Code::DEADLINE_EXCEEDED => SandboxError::Unresponsive(msg),
                 _ => SandboxError::Internal(msg),
             }
         }
         // ttrpc's own deadline: the agent is slow or stuck, which does not mean the VM is gone.
-        ttrpc::Error::Others(m) if m.contains("deadline elapsed") => {
-            SandboxError::Internal(format!(
-                "{what}: no answer from the agent within {} s",
-                CALL_TIMEOUT.as_secs()
-            ))
-        }
+        ref e if is_deadline(e) => SandboxError::Unresponsive(format!(
+            "{what}: no answer from the agent within its deadline (hypervisor.rpc_timeout_secs)"
+        )),
         // The connection broke: the VM is gone.
         other => SandboxError::VmGone(format!("{what}: {other}")),
     }
+}
+
+fn unresponsive(what: &str, timeout: Duration) -> SandboxError {
+    SandboxError::Unresponsive(format!(
+        "{what}: no answer from the agent within {} s (hypervisor.rpc_timeout_secs)",
+        timeout.as_secs()
+    ))
+}
+
+/// Awaits one agent call made with a [`deadline`] context of `timeout`.
+async fn bounded<T>(
+    what: &str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = ttrpc::Result<T>>,
+) -> Result<T, SandboxError> {
+    match tokio::time::timeout(timeout + OUTER_MARGIN, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if is_deadline(&e) => Err(unresponsive(what, timeout)),
+        Ok(Err(e)) => Err(map_err(what, e)),
+        Err(_) => Err(unresponsive(what, timeout)),
+    }
+}
+
+/// A call context whose deadline is `timeout`.
+fn deadline(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// A pod network that cannot be set up: a namespace that is missing or not one is the caller's
@@ -90,10 +120,6 @@ async fn undo_network(network: Option<SandboxNetwork>) {
     if let Some(mut n) = network {
         let _ = n.teardown().await;
     }
-}
-
-fn short() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(i64::try_from(CALL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn unbounded() -> ttrpc::context::Context {
@@ -319,10 +345,17 @@ impl SandboxFactory for VmFactory {
             storages: storages.clone(),
             ..Default::default()
         };
-        let created = match client.create_sandbox(short(), &req).await {
+        let rpc = h.rpc_timeout();
+        let created = match bounded(
+            "CreateSandbox",
+            rpc,
+            client.create_sandbox(deadline(rpc), &req),
+        )
+        .await
+        {
             Ok(_) => Ok(()),
             // An agent without pod support still runs standalone containers.
-            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::UNIMPLEMENTED => {
+            Err(SandboxError::Unimplemented(_)) => {
                 if storages.is_empty() {
                     Ok(())
                 } else {
@@ -330,18 +363,20 @@ impl SandboxFactory for VmFactory {
                         storages,
                         ..Default::default()
                     };
-                    client
-                        .add_storages(short(), &r)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| map_err("AddStorages (virtio-fs share)", e))
+                    bounded(
+                        "AddStorages (virtio-fs share)",
+                        rpc,
+                        client.add_storages(deadline(rpc), &r),
+                    )
+                    .await
+                    .map(|_| ())
                 }
             }
-            Err(e) => Err(map_err("CreateSandbox", e)),
+            Err(e) => Err(e),
         };
         let created = match (created, &network) {
             (Ok(()), Some(n)) => n
-                .configure_guest(&client, CALL_TIMEOUT)
+                .configure_guest(&client, rpc)
                 .await
                 .map_err(guest_network_error),
             (r, _) => r,
@@ -355,10 +390,15 @@ impl SandboxFactory for VmFactory {
         if let Some(n) = network.as_mut() {
             n.start_port_forward(&vm.paths().vsock).await;
         }
+        let vmm_pidfd = crate::supervise::pidfd_open(vm.pid())
+            .map_err(|e| tracing::warn!(sandbox = sandbox_id, error = %e, "no pidfd for the VMM: a hung guest is killed by pid"))
+            .ok();
         crate::timeline::step(sandbox_id, "sandbox_created");
         Ok(Arc::new(VmSandbox {
             id: sandbox_id.to_owned(),
             pid: vm.pid(),
+            vmm_pidfd,
+            rpc_timeout: rpc,
             client,
             vm: tokio::sync::Mutex::new(Some(vm)),
             first_container: first.container_id.clone(),
@@ -382,6 +422,10 @@ pub struct VmSandbox {
     client: AgentServiceClient,
     vm: tokio::sync::Mutex<Option<Vm>>,
     pid: u32,
+    /// The VMM's pidfd, for [`Sandbox::kill_vm`] (a pid could be reused once the VMM is reaped).
+    vmm_pidfd: Option<std::os::fd::OwnedFd>,
+    /// Deadline of each short agent call (`hypervisor.rpc_timeout_secs`).
+    rpc_timeout: Duration,
     first_container: String,
     images: std::sync::Mutex<Vec<PathBuf>>,
     /// The host side of the virtio-fs share (virtio-fs mode), else `None`.
@@ -418,6 +462,20 @@ pub fn sandbox_storages() -> Vec<agent::Storage> {
 }
 
 impl VmSandbox {
+    /// A context carrying the short-call deadline.
+    fn ctx(&self) -> ttrpc::context::Context {
+        deadline(self.rpc_timeout)
+    }
+
+    /// Awaits a short agent call made with [`Self::ctx`], bounded even if the send itself hangs.
+    async fn rpc<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T, SandboxError> {
+        bounded(what, self.rpc_timeout, call).await
+    }
+
     fn shares(&self) -> std::sync::MutexGuard<'_, HashMap<String, ContainerShare>> {
         self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -458,9 +516,15 @@ impl VmSandbox {
             oci_spec_json: spec.json,
             ..Default::default()
         };
-        if let Err(e) = self.client.create_container(short(), &r).await {
+        if let Err(e) = self
+            .rpc(
+                "CreateContainer",
+                self.client.create_container(self.ctx(), &r),
+            )
+            .await
+        {
             let _ = tokio::task::spawn_blocking(move || share.release()).await;
-            return Err(map_err("CreateContainer", e));
+            return Err(e);
         }
         tracing::info!(container = %cid, binds = spec.binds.len(), dropped = spec.dropped.len(),
             "container created on the virtio-fs share");
@@ -496,10 +560,11 @@ impl Sandbox for VmSandbox {
             storages: vec![storage],
             ..Default::default()
         };
-        self.client
-            .create_container(short(), &r)
-            .await
-            .map_err(|e| map_err("CreateContainer", e))?;
+        self.rpc(
+            "CreateContainer",
+            self.client.create_container(self.ctx(), &r),
+        )
+        .await?;
         crate::timeline::container_step(&self.id, &cid, "container_created");
         Ok(())
     }
@@ -509,10 +574,11 @@ impl Sandbox for VmSandbox {
             container_id: cid.into(),
             ..Default::default()
         };
-        self.client
-            .start_container(short(), &r)
-            .await
-            .map_err(|e| map_err("StartContainer", e))?;
+        self.rpc(
+            "StartContainer",
+            self.client.start_container(self.ctx(), &r),
+        )
+        .await?;
         crate::timeline::container_step(&self.id, cid, "container_started");
         Ok(())
     }
@@ -524,11 +590,12 @@ impl Sandbox for VmSandbox {
             ..Default::default()
         };
         let result = self
-            .client
-            .remove_container(short(), &r)
+            .rpc(
+                "RemoveContainer",
+                self.client.remove_container(self.ctx(), &r),
+            )
             .await
-            .map(|_| ())
-            .map_err(|e| map_err("RemoveContainer", e));
+            .map(|_| ());
         match &result {
             // The container is gone from the guest: its files can go from the share.
             Ok(()) | Err(SandboxError::NotFound(_)) | Err(SandboxError::VmGone(_)) => {
@@ -551,10 +618,8 @@ impl Sandbox for VmSandbox {
             oci_process_json: process_json,
             ..Default::default()
         };
-        self.client
-            .exec_process(short(), &r)
-            .await
-            .map_err(|e| map_err("ExecProcess", e))?;
+        self.rpc("ExecProcess", self.client.exec_process(self.ctx(), &r))
+            .await?;
         Ok(())
     }
 
@@ -572,10 +637,8 @@ impl Sandbox for VmSandbox {
             all,
             ..Default::default()
         };
-        self.client
-            .signal_process(short(), &r)
-            .await
-            .map_err(|e| map_err("SignalProcess", e))?;
+        self.rpc("SignalProcess", self.client.signal_process(self.ctx(), &r))
+            .await?;
         Ok(())
     }
 
@@ -650,10 +713,8 @@ impl Sandbox for VmSandbox {
             ..Default::default()
         };
         let resp = self
-            .client
-            .write_stdin(short(), &r)
-            .await
-            .map_err(|e| map_err("WriteStdin", e))?;
+            .rpc("WriteStdin", self.client.write_stdin(self.ctx(), &r))
+            .await?;
         Ok(resp.len as usize)
     }
 
@@ -663,10 +724,8 @@ impl Sandbox for VmSandbox {
             exec_id: exec_id.into(),
             ..Default::default()
         };
-        self.client
-            .close_stdin(short(), &r)
-            .await
-            .map_err(|e| map_err("CloseStdin", e))?;
+        self.rpc("CloseStdin", self.client.close_stdin(self.ctx(), &r))
+            .await?;
         Ok(())
     }
 
@@ -684,10 +743,8 @@ impl Sandbox for VmSandbox {
             column: cols,
             ..Default::default()
         };
-        self.client
-            .tty_win_resize(short(), &r)
-            .await
-            .map_err(|e| map_err("TtyWinResize", e))?;
+        self.rpc("TtyWinResize", self.client.tty_win_resize(self.ctx(), &r))
+            .await?;
         Ok(())
     }
 
@@ -696,10 +753,11 @@ impl Sandbox for VmSandbox {
             container_id: cid.into(),
             ..Default::default()
         };
-        self.client
-            .pause_container(short(), &r)
-            .await
-            .map_err(|e| map_err("PauseContainer", e))?;
+        self.rpc(
+            "PauseContainer",
+            self.client.pause_container(self.ctx(), &r),
+        )
+        .await?;
         Ok(())
     }
 
@@ -708,10 +766,11 @@ impl Sandbox for VmSandbox {
             container_id: cid.into(),
             ..Default::default()
         };
-        self.client
-            .resume_container(short(), &r)
-            .await
-            .map_err(|e| map_err("ResumeContainer", e))?;
+        self.rpc(
+            "ResumeContainer",
+            self.client.resume_container(self.ctx(), &r),
+        )
+        .await?;
         Ok(())
     }
 
@@ -721,10 +780,8 @@ impl Sandbox for VmSandbox {
             ..Default::default()
         };
         let resp = self
-            .client
-            .list_processes(short(), &r)
-            .await
-            .map_err(|e| map_err("ListProcesses", e))?;
+            .rpc("ListProcesses", self.client.list_processes(self.ctx(), &r))
+            .await?;
         Ok(resp.pids)
     }
 
@@ -738,10 +795,11 @@ impl Sandbox for VmSandbox {
             linux_resources_json: resources_json,
             ..Default::default()
         };
-        self.client
-            .update_container(short(), &r)
-            .await
-            .map_err(|e| map_err("UpdateContainer", e))?;
+        self.rpc(
+            "UpdateContainer",
+            self.client.update_container(self.ctx(), &r),
+        )
+        .await?;
         Ok(())
     }
 
@@ -751,10 +809,11 @@ impl Sandbox for VmSandbox {
             ..Default::default()
         };
         let resp = self
-            .client
-            .stats_container(short(), &r)
-            .await
-            .map_err(|e| map_err("StatsContainer", e))?;
+            .rpc(
+                "StatsContainer",
+                self.client.stats_container(self.ctx(), &r),
+            )
+            .await?;
         let cg = resp.cgroup_stats.unwrap_or_default();
         let cpu = cg.cpu.clone().unwrap_or_default();
         let mem = cg.memory.clone().unwrap_or_default();
@@ -795,6 +854,41 @@ impl Sandbox for VmSandbox {
 
     fn host_pid(&self) -> u32 {
         self.pid
+    }
+
+    async fn kill_vm(&self, reason: &str) {
+        tracing::error!(
+            vmm_pid = self.pid,
+            "killing the VM (SIGKILL of capsa-vmm): {reason}"
+        );
+        let Some(fd) = &self.vmm_pidfd else {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return;
+        };
+        match crate::supervise::pidfd_kill(fd, libc::SIGKILL) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return,
+            Err(e) => {
+                tracing::error!(vmm_pid = self.pid, error = %e, "cannot kill the VMM");
+                return;
+            }
+        }
+        let waited = match fd.try_clone() {
+            Ok(dup) => tokio::time::timeout(KILL_WAIT, crate::supervise::wait_exit(dup))
+                .await
+                .map_err(|_| format!("still there after {KILL_WAIT:?}"))
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match waited {
+            Ok(()) => tracing::info!(vmm_pid = self.pid, "VMM killed"),
+            Err(e) => tracing::warn!(vmm_pid = self.pid, "VMM killed, not seen to end: {e}"),
+        }
     }
 
     async fn shutdown(&self) -> Result<(), SandboxError> {
@@ -838,11 +932,40 @@ mod tests {
             ttrpc::Error::Others("Request deadline elapsed".into()),
         );
         assert!(
-            matches!(slow, SandboxError::Internal(ref m) if m.contains("no answer")),
+            matches!(slow, SandboxError::Unresponsive(ref m) if m.contains("no answer")),
             "{slow:?}"
         );
         let broken = map_err("SignalProcess", ttrpc::Error::LocalClosed);
         assert!(matches!(broken, SandboxError::VmGone(_)), "{broken:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_completes_ends_at_its_deadline() {
+        let started = std::time::Instant::now();
+        // Neither a reply nor ttrpc's own deadline: the send itself is stuck.
+        let stuck = std::future::pending::<ttrpc::Result<()>>();
+        let e = bounded("SignalProcess", Duration::from_secs(1), stuck)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, SandboxError::Unresponsive(m) if m.contains("SignalProcess") && m.contains("1 s")),
+            "{e:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) + OUTER_MARGIN && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        // ttrpc's deadline names the call and the configured seconds too.
+        let e = bounded("StartContainer", Duration::from_secs(3), async {
+            Err::<(), _>(ttrpc::Error::Others("Request deadline elapsed".into()))
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, SandboxError::Unresponsive(m) if m.contains("StartContainer") && m.contains("3 s")),
+            "{e:?}"
+        );
     }
 
     #[test]

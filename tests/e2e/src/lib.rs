@@ -13,6 +13,7 @@ use capsa_runtime::vm::VmConfig;
 pub mod cni;
 pub mod cri;
 pub mod figures;
+pub mod leaks;
 pub mod netbench;
 pub mod smaps;
 

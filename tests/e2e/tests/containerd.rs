@@ -1,7 +1,10 @@
 //! containerd 1.6 (Debian's package) runs containers in capsa microVMs through
 //! `containerd-shim-capsa-v2`: `ctr run` prints the container's output and passes its exit code on,
 //! `ctr task exec` works, and kill + delete leave no VMM, shim or sandbox directory behind, also when
-//! virtiofsd is killed under a running task (the VM is stopped, the task exits).
+//! virtiofsd is killed under a running task (the VM is stopped, the task exits) and when the whole guest
+//! freezes (SIGKILL kills the VM after `rpc_timeout_secs`); four pods started at once all come up with the
+//! default timeouts. Fault tests compare a [`leak_snapshot`] (processes, mounts, sandbox dirs, sockets,
+//! cgroups) before and after.
 //! Gated on CAPSA_E2E=1 (the nested test host, or a host with hardware virtualisation) and on
 //! `containerd`/`ctr` being installed.
 
@@ -10,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use capsa_e2e::cri::pids_of;
+use capsa_e2e::leaks::{leak_snapshot, settled_snapshot, LeakSnapshot};
 use capsa_e2e::{e2e_enabled, workspace_root, Inputs};
 
 const IMAGE: &str = "docker.io/library/busybox:capsa";
@@ -57,24 +61,64 @@ impl Containerd {
         self.ctr(&args)
     }
 
-    /// `ctr run -d` of the busybox image with capsa's runtime.
-    fn run_detached(&self, id: &str, cmd: &[&str]) -> Output {
-        let mut args = vec![
-            "run",
-            "-d",
-            "--snapshotter",
-            "native",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            id,
-        ];
+    /// `ctr run -d` of the busybox image with capsa's runtime: `flags` go before the image.
+    fn run_detached(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "-d", "--snapshotter", "native", "--runtime", RUNTIME];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, id]);
         args.extend_from_slice(cmd);
         self.ctr(&args)
     }
 
     fn state_dir(&self) -> PathBuf {
         self.dir.path().join("capsa-run")
+    }
+
+    /// What this containerd's capsa sandboxes leave on the host.
+    fn leaks(&self) -> LeakSnapshot {
+        leak_snapshot(self.dir.path(), &self.state_dir())
+    }
+
+    /// Waits (up to 20 s: teardown ends after containerd's delete returns) for the host to be back to
+    /// `before`; panics with both snapshots if it is not.
+    fn assert_nothing_left(&self, before: &LeakSnapshot) {
+        let after = settled_snapshot(
+            self.dir.path(),
+            &self.state_dir(),
+            before,
+            Duration::from_secs(20),
+        );
+        assert_eq!(&after, before, "left behind (right: before, left: after)");
+    }
+
+    /// `ctr events` written to `log` until the returned child is killed.
+    fn follow_events(&self, log: &Path) -> Child {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).expect("events log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events")
+    }
+
+    /// Kills (SIGKILL) and deletes container `id`, task first; fails the test when either is refused.
+    fn kill_and_delete(&self, id: &str) {
+        let o = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(o.status.success(), "kill {id}: {}", text(&o));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = self.ctr(&["task", "rm", id]);
+            if o.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "task rm {id}: {}", text(&o));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let o = self.ctr(&["container", "rm", id]);
+        assert!(o.status.success(), "container rm {id}: {}", text(&o));
     }
 }
 
@@ -239,6 +283,7 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
         return;
     };
     let run = |id: &str, cmd: &[&str]| c.run_rm(&[], id, cmd);
+    let before = c.leaks();
 
     let o = run("e2e-echo", &["echo", "hello"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -263,7 +308,7 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
     );
 
     // A long-running container: exec into it, then kill and delete it.
-    let o = c.run_detached("e2e-long", &["sleep", "600"]);
+    let o = c.run_detached(&[], "e2e-long", &["sleep", "600"]);
     assert!(o.status.success(), "{}", text(&o));
     let o = c.ctr(&[
         "task",
@@ -292,23 +337,11 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
         "exit 7",
     ]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
-    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", "e2e-long"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let o = c.ctr(&["task", "rm", "e2e-long"]);
-        if o.status.success() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "task rm: {}", text(&o));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let o = c.ctr(&["container", "rm", "e2e-long"]);
-    assert!(o.status.success(), "{}", text(&o));
+    c.kill_and_delete("e2e-long");
 
     // virtiofsd killed under a running task: the VM is stopped, the task exits (no wedge), and
     // delete works.
-    let o = c.run_detached("e2e-fsd", &["sleep", "600"]);
+    let o = c.run_detached(&[], "e2e-fsd", &["sleep", "600"]);
     assert!(o.status.success(), "{}", text(&o));
     let sandbox_dir = c.state_dir().join("e2e-fsd");
     let fsd = pids_of("virtiofsd", &sandbox_dir.to_string_lossy());
@@ -347,24 +380,186 @@ fn ctr_run_exec_kill_delete_leave_nothing_behind() {
     let o = c.ctr(&["container", "rm", "e2e-fsd"]);
     assert!(o.status.success(), "{}", text(&o));
 
-    // Nothing left: no VMM, no sandbox directory, no shim.
-    std::thread::sleep(Duration::from_secs(1));
-    let state = c.state_dir();
-    assert_eq!(
-        vmm_processes(&state.to_string_lossy()),
-        0,
-        "a capsa-vmm survived"
-    );
-    let left: Vec<_> = std::fs::read_dir(&state)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+    // Nothing left: no VMM, virtiofsd or shim, no mount, sandbox directory, socket or cgroup.
+    c.assert_nothing_left(&before);
     let o = c.ctr(&["task", "ls", "-q"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).trim().is_empty(),
         "{}",
         text(&o)
     );
+}
+
+/// The state letter of /proc/PID/stat (R, S, T for stopped, Z for a zombie), `None` once the pid is gone.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+}
+
+/// Waits up to `within` for a line of the `ctr events` log that contains every one of `needles`.
+fn wait_event(log: &Path, needles: &[&str], within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = seen.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Some(l.to_owned());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `rpc_timeout_secs` of the frozen-guest container (its own runtime config), short so the test is.
+const FROZEN_RPC_TIMEOUT_SECS: u64 = 10;
+
+/// A guest whose VMM is frozen (SIGSTOP: neither vCPUs nor devices run, the agent answers nothing) still
+/// ends on `ctr task kill -s SIGKILL`: the shim waits `rpc_timeout_secs` for the agent, kills the VM and
+/// reports exit 137; delete works, nothing is left, and a healthy container runs right after.
+#[test]
+fn a_frozen_guest_ends_cleanly() {
+    let Some(c) = containerd_for("a_frozen_guest_ends_cleanly", &[]) else {
+        return;
+    };
+    let before = c.leaks();
+    let events_log = c.dir.path().join("events.log");
+    let mut events = c.follow_events(&events_log);
+
+    // A frozen guest.
+    let cfg = c.dir.path().join("capsa-frozen.toml");
+    let base = std::fs::read_to_string(c.dir.path().join("capsa.toml")).expect("capsa.toml");
+    std::fs::write(
+        &cfg,
+        base.replacen(
+            "[hypervisor]\n",
+            &format!("[hypervisor]\nrpc_timeout_secs = {FROZEN_RPC_TIMEOUT_SECS}\n"),
+            1,
+        ),
+    )
+    .expect("write frozen config");
+    let id = "e2e-frozen";
+    let o = c.run_detached(
+        &["--runtime-config-path", &cfg.to_string_lossy()],
+        id,
+        &["sleep", "1000"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let vsock = c.state_dir().join(id).join("vsock.sock");
+    let vmms = pids_of("capsa-vmm", &vsock.to_string_lossy());
+    assert_eq!(vmms.len(), 1, "one VMM for {id}: {vmms:?}");
+    let vmm = vmms[0];
+    // SAFETY: kill(2) of the VMM this test's containerd started.
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGSTOP) }, 0, "SIGSTOP");
+    let frozen = Instant::now();
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let kill_took = frozen.elapsed();
+    let state = proc_state(vmm);
+    if state == Some('T') {
+        // The shim did not kill it: a failure. Do not leave a stopped VMM behind.
+        // SAFETY: as above.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
+        panic!(
+            "the frozen VMM {vmm} is still stopped after ctr task kill ({kill_took:?}): {}",
+            text(&o)
+        );
+    }
+    assert!(o.status.success(), "kill of a frozen guest: {}", text(&o));
+    let bound = Duration::from_secs(FROZEN_RPC_TIMEOUT_SECS + 15);
+    let exit = wait_event(&events_log, &["/tasks/exit", id], bound);
+    let exited_after = frozen.elapsed();
+    let exit = exit.unwrap_or_else(|| {
+        panic!(
+            "no /tasks/exit for {id} within {bound:?} of SIGKILL; events:\n{}",
+            std::fs::read_to_string(&events_log).unwrap_or_default()
+        )
+    });
+    assert!(
+        exit.contains("\"exit_status\":137"),
+        "exit status is not 137: {exit}"
+    );
+    eprintln!(
+        "frozen guest (rpc_timeout_secs = {FROZEN_RPC_TIMEOUT_SECS}): ctr task kill returned after {kill_took:?}, /tasks/exit 137 after {exited_after:?} (bound {bound:?}); VMM state after kill: {state:?}"
+    );
+    let o = c.ctr(&["task", "rm", id]);
+    assert!(o.status.success(), "task rm: {}", text(&o));
+    let o = c.ctr(&["container", "rm", id]);
+    assert!(o.status.success(), "container rm: {}", text(&o));
+    c.assert_nothing_left(&before);
+    let log = std::fs::read_to_string(c.dir.path().join("containerd.log")).unwrap_or_default();
+    assert!(
+        log.contains("did not answer SIGKILL"),
+        "the shim log does not give the reason the VM was killed"
+    );
+
+    let o = c.run_rm(&[], "e2e-after", &["echo", "healthy"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "healthy");
+    c.assert_nothing_left(&before);
+    let _ = events.kill();
+    let _ = events.wait();
+}
+
+/// Four pods (`ctr run -d`, each its own sandbox VM) started at once all come up with the default timeouts;
+/// prints how long each took (issue 12's measurement), then removes them and checks nothing is left.
+#[test]
+fn four_pods_started_at_once_all_come_up() {
+    let Some(c) = containerd_for("four_pods_started_at_once_all_come_up", &[]) else {
+        return;
+    };
+    let before = c.leaks();
+    let ids = ["e2e-four-1", "e2e-four-2", "e2e-four-3", "e2e-four-4"];
+    let started = Instant::now();
+    let results: Vec<(&str, Duration, Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let c = &c;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let o = c.run_detached(&[], id, &["sleep", "600"]);
+                    (id, t.elapsed(), o)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ctr run thread"))
+            .collect()
+    });
+    for (id, took, o) in &results {
+        eprintln!(
+            "four pods at once: {id} up after {took:?} (ctr run -d status {:?})",
+            o.status.code()
+        );
+    }
+    eprintln!(
+        "four pods at once: all returned after {:?}",
+        started.elapsed()
+    );
+    for (id, _, o) in &results {
+        assert!(o.status.success(), "{id}: {}", text(o));
+    }
+    let o = c.ctr(&["task", "ls"]);
+    let listing = String::from_utf8_lossy(&o.stdout).into_owned();
+    for id in ids {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{id} ")) && l.contains("RUNNING")),
+            "{id} is not running:\n{listing}"
+        );
+    }
+    assert_eq!(
+        vmm_processes(&c.state_dir().to_string_lossy()),
+        4,
+        "one VM per pod"
+    );
+    for id in ids {
+        c.kill_and_delete(id);
+    }
+    c.assert_nothing_left(&before);
 }
 
 /// A container over its memory limit is killed in the guest: `ctr` sees exit 137 and containerd gets the
@@ -375,15 +570,7 @@ fn an_oom_kill_reaches_containerd_as_a_task_oom_event() {
         return;
     };
     let events_log = c.dir.path().join("events.log");
-    let mut events = Command::new("ctr")
-        .arg("-a")
-        .arg(&c.sock)
-        .arg("events")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&events_log).expect("events log"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ctr events");
+    let mut events = c.follow_events(&events_log);
     let o = c.run_rm(
         &["--memory-limit", "16777216"],
         "e2e-oom",
@@ -391,21 +578,16 @@ fn an_oom_kill_reaches_containerd_as_a_task_oom_event() {
     );
     assert_eq!(o.status.code(), Some(137), "{}", text(&o));
     // Events are published asynchronously; the OOM one may trail the exit.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let seen = std::fs::read_to_string(&events_log).unwrap_or_default();
-        if seen
-            .lines()
-            .any(|l| l.contains("/tasks/oom") && l.contains("e2e-oom"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no /tasks/oom event for e2e-oom; events seen:\n{seen}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        wait_event(
+            &events_log,
+            &["/tasks/oom", "e2e-oom"],
+            Duration::from_secs(15)
+        )
+        .is_some(),
+        "no /tasks/oom event for e2e-oom; events seen:\n{}",
+        std::fs::read_to_string(&events_log).unwrap_or_default()
+    );
     let _ = events.kill();
     let _ = events.wait();
 }

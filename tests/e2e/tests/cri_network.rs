@@ -32,6 +32,7 @@ use capsa_e2e::cri::{
     container_config, containerd_available, pids_mentioning, pids_of, port_forward, Cri,
     CriContainerd, BUSYBOX_IMAGE,
 };
+use capsa_e2e::leaks::{leak_snapshot, LeakSnapshot};
 use capsa_e2e::{e2e_enabled, Inputs};
 use k8s_cri::v1 as cri;
 
@@ -161,8 +162,8 @@ struct HostCounts {
     netns: Vec<String>,
     ip_allocations: Vec<String>,
     host_taps: Vec<String>,
-    vmms: usize,
-    sandbox_dirs: Vec<String>,
+    /// capsa's processes, mounts, sandbox directories, sockets and cgroups.
+    leaks: LeakSnapshot,
 }
 
 fn host_counts(c: &CriContainerd) -> HostCounts {
@@ -176,8 +177,7 @@ fn host_counts(c: &CriContainerd) -> HostCounts {
             .into_iter()
             .filter(|n| n.ends_with("_capsa"))
             .collect(),
-        vmms: pids_mentioning(&c.capsa_state.to_string_lossy()).len(),
-        sandbox_dirs: dir_names(&c.capsa_state),
+        leaks: leak_snapshot(&c.dir, &c.capsa_state),
     }
 }
 

@@ -135,6 +135,29 @@ async fn escalation_sigterm_then_sigkill() {
     assert!(!run.join("faketerm").exists() && !run.join("fakekill").exists());
 }
 
+/// A frozen VMM (SIGSTOP: neither the guest nor the VMM runs) answers nothing and ignores SIGTERM: stop
+/// SIGKILLs it after one stop timeout instead of three.
+#[tokio::test]
+async fn a_frozen_vmm_is_killed_after_one_stop_timeout() {
+    let (root, kernel) = setup();
+    let run = root.path().join("run");
+    let mut c = fake_config(&run, &kernel, 1, 128);
+    c.stop_timeout = Duration::from_secs(1);
+    let vm = Vm::start(&c, "fakefrozen").await.unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(vm.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let exit = vm.stop().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(exit.path, StopPath::Killed, "{exit:?}");
+    assert!(
+        exit.destroy_error.is_some(),
+        "a frozen agent cannot answer: {exit:?}"
+    );
+    assert!(took < Duration::from_millis(2500), "stop took {took:?}");
+    assert!(!run.join("fakefrozen").exists());
+}
+
 #[tokio::test]
 async fn wait_ready_gives_up_with_last_error() {
     let (root, _) = setup();
