@@ -71,13 +71,21 @@ impl PodIdentity {
         (!id.name.is_empty()).then_some(id)
     }
 
-    /// Writes `<dir>/pod.json` (atomically: a temporary file renamed over it).
+    /// Creates `<dir>/pod.json`. The sandbox directory is writable by the jailed VMM, so nothing already
+    /// there is trusted: the file must not exist (O_CREAT|O_EXCL never follows a planted symlink, and a
+    /// planted file or FIFO makes this fail instead of writing through it).
     pub fn write(&self, dir: &Path) -> Result<(), SandboxesError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = dir.join(POD_FILE);
-        let tmp = dir.join(".pod.json.tmp");
         let text = serde_json::to_vec(self).unwrap_or_default();
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&text))
             .map_err(|source| SandboxesError::Write { path, source })
     }
 
@@ -523,6 +531,23 @@ mod tests {
             inspect(state.path(), "../etc"),
             Err(SandboxesError::BadId(_))
         ));
+    }
+
+    #[test]
+    fn a_planted_pod_file_or_link_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("victim");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(POD_FILE)).unwrap();
+        let pod = PodIdentity {
+            name: "web".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            pod.write(dir.path()),
+            Err(SandboxesError::Write { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }
 
     #[test]
