@@ -18,30 +18,42 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::agent_client::{AgentAddress, AgentClient};
-use crate::sandboxes::{self, SandboxInfo, SandboxesError, VmState};
+use crate::sandboxes::{self, SandboxDetails, SandboxesError, VmState};
 
 /// How long one sandbox's agent may take to connect and answer GetMetrics.
 pub const AGENT_DEADLINE: Duration = Duration::from_secs(2);
 /// Lines of a guest's metrics text looked at.
 pub const MAX_GUEST_LINES: usize = 64;
 
-/// Guest series taken from the agent's text, and the name they are published under.
-const GUEST_SERIES: [(&str, &str, &str); 3] = [
-    (
-        "capsa_guest_mem_total_bytes",
-        "guest_memory_total",
-        "Memory the guest kernel manages (MemTotal)",
-    ),
-    (
-        "capsa_guest_mem_available_bytes",
-        "guest_memory_available",
-        "Memory available to the guest's programs (MemAvailable)",
-    ),
-    (
-        "capsa_guest_load1",
-        "guest_load1",
-        "The guest's 1-minute load average",
-    ),
+/// A guest series taken from the agent's text.
+struct GuestSeries {
+    /// Its name in the agent's text.
+    agent_name: &'static str,
+    /// The name (under the `capsa` prefix) and unit it is published with.
+    name: &'static str,
+    unit: Option<Unit>,
+    help: &'static str,
+}
+
+const GUEST_SERIES: [GuestSeries; 3] = [
+    GuestSeries {
+        agent_name: "capsa_guest_mem_total_bytes",
+        name: "guest_memory_total",
+        unit: Some(Unit::Bytes),
+        help: "Memory the guest kernel manages (MemTotal)",
+    },
+    GuestSeries {
+        agent_name: "capsa_guest_mem_available_bytes",
+        name: "guest_memory_available",
+        unit: Some(Unit::Bytes),
+        help: "Memory available to the guest's programs (MemAvailable)",
+    },
+    GuestSeries {
+        agent_name: "capsa_guest_load1",
+        name: "guest_load1",
+        unit: None,
+        help: "The guest's 1-minute load average",
+    },
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,12 +164,15 @@ impl Families {
             Unit::Seconds,
             f.agent_seconds.clone(),
         );
-        for ((_, name, help), family) in GUEST_SERIES.iter().zip(&f.guest) {
-            let unit = name.ends_with("memory_total") || name.ends_with("memory_available");
-            if unit {
-                registry.register_with_unit(*name, *help, Unit::Bytes, family.clone());
-            } else {
-                registry.register(*name, *help, family.clone());
+        for (series, family) in GUEST_SERIES.iter().zip(&f.guest) {
+            match &series.unit {
+                Some(unit) => registry.register_with_unit(
+                    series.name,
+                    series.help,
+                    unit.clone(),
+                    family.clone(),
+                ),
+                None => registry.register(series.name, series.help, family.clone()),
             }
         }
         f
@@ -166,7 +181,7 @@ impl Families {
 
 /// One scrape of every sandbox under `state_dir`, in the Prometheus text format.
 pub async fn gather(state_dir: &Path) -> Result<String, SandboxesError> {
-    let all = match sandboxes::list(state_dir) {
+    let all = match sandboxes::inspect_all(state_dir) {
         Ok(all) => all,
         Err(SandboxesError::StateDir { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
@@ -185,8 +200,8 @@ pub async fn gather(state_dir: &Path) -> Result<String, SandboxesError> {
     sandbox_count.set(all.len() as i64);
     let f = Families::register(&mut registry);
     // One agent at a time: a scrape is cheap for the guests, and bounded by AGENT_DEADLINE each.
-    for s in &all {
-        record(&f, s, state_dir).await;
+    for d in &all {
+        record(&f, d).await;
     }
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -194,7 +209,8 @@ pub async fn gather(state_dir: &Path) -> Result<String, SandboxesError> {
     Ok(out)
 }
 
-async fn record(f: &Families, s: &SandboxInfo, state_dir: &Path) {
+async fn record(f: &Families, d: &SandboxDetails) {
+    let s = &d.info;
     let (pod, namespace) = s
         .pod
         .as_ref()
@@ -231,17 +247,7 @@ async fn record(f: &Families, s: &SandboxInfo, state_dir: &Path) {
             .get_or_create(&labels)
             .set(i64::try_from(u).unwrap_or(i64::MAX));
     }
-    let details = sandboxes::inspect(state_dir, &s.id).ok();
-    let procs = details
-        .as_ref()
-        .map(|d| {
-            [
-                ("capsa-vmm", d.vmm.clone()),
-                ("virtiofsd", d.virtiofsd.clone()),
-            ]
-        })
-        .unwrap_or_default();
-    for (process, info) in procs {
+    for (process, info) in [("capsa-vmm", &d.vmm), ("virtiofsd", &d.virtiofsd)] {
         let Some(p) = info else { continue };
         let l = ProcessLabels {
             sandbox: s.id.clone(),
@@ -281,7 +287,7 @@ async fn record(f: &Families, s: &SandboxInfo, state_dir: &Path) {
         .get_or_create(&labels)
         .set(started.elapsed().as_secs_f64());
     for (name, value) in parse_guest(&text) {
-        if let Some(i) = GUEST_SERIES.iter().position(|(n, _, _)| *n == name) {
+        if let Some(i) = GUEST_SERIES.iter().position(|g| g.agent_name == name) {
             f.guest[i].get_or_create(&labels).set(value);
         }
     }
@@ -318,7 +324,7 @@ fn parse_guest(text: &str) -> Vec<(&str, f64)> {
             let mut words = l.split_whitespace();
             let name = words.next()?;
             let value: f64 = words.next()?.parse().ok()?;
-            let known = GUEST_SERIES.iter().any(|(n, _, _)| *n == name);
+            let known = GUEST_SERIES.iter().any(|g| g.agent_name == name);
             (known && value.is_finite() && words.next().is_none()).then_some((name, value))
         })
         .collect()

@@ -158,63 +158,83 @@ pub struct SandboxDetails {
     pub vmm_command: Vec<String>,
 }
 
-/// Every sandbox directory under `state_dir` (sorted by id) with its VMM, if one runs.
-pub fn list(state_dir: &Path) -> Result<Vec<SandboxInfo>, SandboxesError> {
+/// Ids of the sandbox directories under `state_dir`, sorted.
+fn sandbox_ids(state_dir: &Path) -> Result<Vec<String>, SandboxesError> {
     let entries = std::fs::read_dir(state_dir).map_err(|source| SandboxesError::StateDir {
         path: state_dir.to_path_buf(),
         source,
     })?;
-    let vmms = vmm_processes();
-    let mut out: Vec<SandboxInfo> = entries
+    let mut ids: Vec<String> = entries
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
         .filter_map(|e| {
             let id = e.file_name().to_str()?.to_owned();
-            validate_sandbox_id(&id).ok()?;
-            Some(info_for(state_dir, &id, &vmms))
+            validate_sandbox_id(&id).ok().map(|()| id)
         })
         .collect();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
+    ids.sort();
+    Ok(ids)
+}
+
+/// Every sandbox directory under `state_dir` (sorted by id) with its VMM, if one runs.
+pub fn list(state_dir: &Path) -> Result<Vec<SandboxInfo>, SandboxesError> {
+    let procs = Processes::scan();
+    Ok(sandbox_ids(state_dir)?
+        .iter()
+        .map(|id| info_for(state_dir, id, &procs))
+        .collect())
+}
+
+/// Every sandbox in detail, from one read of the state directory and of /proc (`capsa metrics`).
+pub fn inspect_all(state_dir: &Path) -> Result<Vec<SandboxDetails>, SandboxesError> {
+    let procs = Processes::scan();
+    Ok(sandbox_ids(state_dir)?
+        .iter()
+        .map(|id| details_for(state_dir, id, &procs))
+        .collect())
 }
 
 /// One sandbox in detail.
 pub fn inspect(state_dir: &Path, id: &str) -> Result<SandboxDetails, SandboxesError> {
     validate_sandbox_id(id).map_err(|_| SandboxesError::BadId(id.to_owned()))?;
-    let paths = SandboxPaths::new(state_dir, id);
-    if !paths.dir.is_dir() {
+    if !state_dir.join(id).is_dir() {
         return Err(SandboxesError::NotFound {
             id: id.to_owned(),
             state_dir: state_dir.to_path_buf(),
         });
     }
-    let vmms = vmm_processes();
-    let info = info_for(state_dir, id, &vmms);
+    Ok(details_for(state_dir, id, &Processes::scan()))
+}
+
+fn details_for(state_dir: &Path, id: &str, procs: &Processes) -> SandboxDetails {
+    let paths = SandboxPaths::new(state_dir, id);
+    let info = info_for(state_dir, id, procs);
     let vmm_command = info
         .vmm_pid
-        .and_then(|pid| vmms.get(&pid))
+        .and_then(|pid| procs.0.get(&pid))
         .map(|args| {
             args.iter()
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect()
         })
         .unwrap_or_default();
-    let virtiofsd = virtiofsd_pid(&paths.fs_socket).and_then(process_info);
-    Ok(SandboxDetails {
+    SandboxDetails {
         vmm: info.vmm_pid.and_then(process_info),
-        virtiofsd,
+        virtiofsd: procs
+            .virtiofsd_serving(&paths.fs_socket)
+            .and_then(process_info),
         console_log: paths.console_log,
         vsock_socket: paths.vsock,
         vmm_command,
         info,
-    })
+    }
 }
 
-fn info_for(state_dir: &Path, id: &str, vmms: &BTreeMap<i32, Vec<Vec<u8>>>) -> SandboxInfo {
+fn info_for(state_dir: &Path, id: &str, procs: &Processes) -> SandboxInfo {
     let paths = SandboxPaths::new(state_dir, id);
     let vsock = paths.vsock.as_os_str().as_encoded_bytes().to_vec();
-    let vmm = vmms
-        .iter()
+    let vmm = procs
+        .vmms()
         .find(|(_, args)| flag_value(args, "--vsock-uds") == Some(vsock.as_slice()))
         .map(|(pid, args)| (*pid, args));
     let number = |args: &Vec<Vec<u8>>, flag: &str| -> Option<u64> {
@@ -225,9 +245,7 @@ fn info_for(state_dir: &Path, id: &str, vmms: &BTreeMap<i32, Vec<Vec<u8>>>) -> S
     };
     let state = match vmm {
         None => VmState::NoVmm,
-        Some((pid, _)) if proc_state(pid) == Some('T') || proc_state(pid) == Some('t') => {
-            VmState::Frozen
-        }
+        Some((pid, _)) if matches!(proc_state(pid), Some('T' | 't')) => VmState::Frozen,
         Some(_) => VmState::Running,
     };
     SandboxInfo {
@@ -268,41 +286,54 @@ pub fn process_cmdlines() -> impl Iterator<Item = (i32, Vec<u8>)> {
 
 /// Pids of `capsa-vmm` processes whose command line names `needle` (the sandbox's vsock socket).
 pub fn find_vmm_pids(needle: &str) -> Vec<i32> {
-    vmm_processes()
-        .into_iter()
+    Processes::scan()
+        .vmms()
         .filter(|(_, args)| args.iter().any(|a| a == needle.as_bytes()))
-        .map(|(pid, _)| pid)
+        .map(|(pid, _)| *pid)
         .collect()
 }
 
-/// `capsa-vmm` processes and their arguments.
-fn vmm_processes() -> BTreeMap<i32, Vec<Vec<u8>>> {
-    process_cmdlines()
-        .filter_map(|(pid, cmdline)| {
-            let args: Vec<Vec<u8>> = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(<[u8]>::to_vec)
-                .collect();
-            args.first()?.ends_with(b"capsa-vmm").then_some((pid, args))
+/// The `capsa-vmm` and `virtiofsd` processes and their arguments, from one read of /proc.
+struct Processes(BTreeMap<i32, Vec<Vec<u8>>>);
+
+impl Processes {
+    fn scan() -> Self {
+        Processes(
+            process_cmdlines()
+                .filter_map(|(pid, cmdline)| {
+                    let args: Vec<Vec<u8>> = cmdline
+                        .split(|b| *b == 0)
+                        .filter(|a| !a.is_empty())
+                        .map(<[u8]>::to_vec)
+                        .collect();
+                    let program = args.first()?;
+                    (program.ends_with(b"capsa-vmm") || program.ends_with(b"virtiofsd"))
+                        .then_some((pid, args))
+                })
+                .collect(),
+        )
+    }
+
+    fn vmms(&self) -> impl Iterator<Item = (&i32, &Vec<Vec<u8>>)> {
+        self.0
+            .iter()
+            .filter(|(_, args)| args.first().is_some_and(|p| p.ends_with(b"capsa-vmm")))
+    }
+
+    /// The virtiofsd serving `socket` (`--socket-path=<socket>` or `--socket-path <socket>`).
+    fn virtiofsd_serving(&self, socket: &Path) -> Option<i32> {
+        let socket = socket.as_os_str().as_encoded_bytes();
+        let mut joined = b"--socket-path=".to_vec();
+        joined.extend_from_slice(socket);
+        self.0.iter().find_map(|(pid, args)| {
+            let is_virtiofsd = args.first()?.ends_with(b"virtiofsd");
+            let serves = args.contains(&joined)
+                || args
+                    .windows(2)
+                    .any(|w| w[0] == b"--socket-path" && w[1] == socket);
+            (is_virtiofsd && serves).then_some(*pid)
         })
-        .collect()
-}
-
-/// The virtiofsd serving `socket` (`--socket-path=<socket>` or `--socket-path <socket>`).
-fn virtiofsd_pid(socket: &Path) -> Option<i32> {
-    let socket = socket.as_os_str().as_encoded_bytes();
-    let mut joined = b"--socket-path=".to_vec();
-    joined.extend_from_slice(socket);
-    process_cmdlines().find_map(|(pid, cmdline)| {
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_virtiofsd = args.first()?.ends_with(b"virtiofsd");
-        let serves = args.contains(&joined.as_slice())
-            || args
-                .windows(2)
-                .any(|w| w[0] == b"--socket-path" && w[1] == socket);
-        (is_virtiofsd && serves).then_some(pid)
-    })
+    }
 }
 
 /// Memory, CPU and confinement of one process; `None` when it is gone.
