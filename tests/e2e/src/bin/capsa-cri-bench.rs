@@ -83,21 +83,11 @@ fn shim_timeline(c: &CriContainerd, pod: &str, cid: &str, t0: SystemTime) -> Has
     steps
 }
 
-/// (VmRSS kB, Pss kB) of a process.
+/// (VmRSS kB, Pss kB) of a process, as `capsa inspect` reads them; zeros once it is gone.
 fn mem_kb(pid: i32) -> (u64, u64) {
-    let field = |path: String, key: &str| -> u64 {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (
-        field(format!("/proc/{pid}/status"), "VmRSS:"),
-        field(format!("/proc/{pid}/smaps_rollup"), "Pss:"),
-    )
+    capsa_runtime::sandboxes::process_info(pid)
+        .map(|p| (p.rss_kib, p.pss_kib))
+        .unwrap_or((0, 0))
 }
 
 fn comm(pid: i32) -> String {
